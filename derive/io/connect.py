@@ -1,0 +1,240 @@
+"""Connections: resolving the DSN, opening ADBC connections, running SQL, wrapping driver errors.
+
+Everything goes through :class:`Db`, a thin layer over one ADBC connection that keeps explicit
+transactions (autocommit off), binds parameters (never interpolates values) and turns driver
+exceptions into :class:`~derive.errors.SourceError` with a message that names the host but never
+the password.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import polars as pl
+import pyarrow as pa
+
+from derive.errors import SourceError
+
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)(\S+)", re.IGNORECASE)
+_PASSWORD_URL = re.compile(r"(://[^:/@]+:)([^@]*)(@)")
+
+
+def redact(text: str) -> str:
+    """Remove passwords from a DSN or from a driver message that quotes one."""
+    return _PASSWORD_KV.sub(r"\1***", _PASSWORD_URL.sub(r"\1***\3", text))
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/database`` of a URL or key=value DSN, for messages (no user, no password)."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        port = parts.port or 5432
+        database = parts.path.lstrip("/") or "(default database)"
+        return f"{host}:{port}/{database}"
+    kv = dict(re.findall(r"(\w+)\s*=\s*('[^']*'|\S+)", dsn))
+    host = kv.get("host", "localhost").strip("'")
+    return f"{host}:{kv.get('port', '5432')}/{kv.get('dbname', '(default database)')}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = redact(str(exc))
+    text = re.sub(r"^[A-Z_]+: (\[libpq\] )?", "", text.strip())
+    text = text.split("\nQuery was:")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def driver_message(exc: BaseException) -> str:
+    """The useful part of a driver error, one line, password-free."""
+    return _first_line(exc)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error, when it carries one."""
+    state = getattr(exc, "sqlstate", None)
+    if state:
+        return str(state)
+    match = re.search(r"SQLSTATE: ([0-9A-Z]{5})", str(exc))
+    return match.group(1) if match else None
+
+
+class Db:
+    """One ADBC connection with explicit transactions.
+
+    Use :func:`connect` to open one. Statements run inside an implicit transaction that lasts until
+    :meth:`commit` or :meth:`rollback`; :meth:`transaction` wraps a block in one.
+    """
+
+    def __init__(self, conn: Any, label: str) -> None:
+        self._conn = conn
+        self.label = label
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    @property
+    def raw(self) -> Any:
+        """The underlying ADBC DB-API connection."""
+        return self._conn
+
+    def _wrap(self, exc: BaseException, sql: str) -> SourceError:
+        head = " ".join(sql.split())[:80]
+        return SourceError(f"PostgreSQL at {self.label} rejected `{head}`: {_first_line(exc)}")
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Run one statement, binding ``params`` to ``$1, $2, ...``."""
+        import adbc_driver_manager
+
+        with self._conn.cursor() as cur:
+            try:
+                cur.execute(sql, params)
+            except adbc_driver_manager.Error as exc:
+                raise self._wrap(exc, sql) from exc
+
+    def fetch_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Run a query and return its result as one Arrow table.
+
+        A query without parameters is streamed with COPY (binary) by the driver; bind values
+        through :meth:`set_local` first to keep that fast path.
+        """
+        import adbc_driver_manager
+
+        with self._conn.cursor() as cur:
+            try:
+                cur.execute(sql, params)
+                table: pa.Table = cur.fetch_arrow_table()
+            except adbc_driver_manager.Error as exc:
+                raise self._wrap(exc, sql) from exc
+        return table
+
+    def fetch_df(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
+        """Like :meth:`fetch_arrow`, as a Polars frame (uuid columns arrive as 16-byte binary)."""
+        frame = pl.from_arrow(_plain_arrow(self.fetch_arrow(sql, params)))
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def fetch_all(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run a small query and return its rows as tuples."""
+        import adbc_driver_manager
+
+        with self._conn.cursor() as cur:
+            try:
+                cur.execute(sql, params)
+                rows: list[tuple[Any, ...]] = cur.fetchall()
+            except adbc_driver_manager.Error as exc:
+                raise self._wrap(exc, sql) from exc
+        return rows
+
+    def fetch_value(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        """First column of the first row, or ``None``."""
+        rows = self.fetch_all(sql, params)
+        return rows[0][0] if rows else None
+
+    def set_local(self, **settings: str) -> None:
+        """``set_config(name, value, true)`` for each setting: transaction-local, bound values.
+
+        Queries then read them with ``current_setting('derive.name')`` and need no parameters,
+        which keeps ADBC on its COPY-based read path.
+        """
+        for name, value in settings.items():
+            self.execute("SELECT set_config($1, $2, true)", (f"derive.{name}", value))
+
+    def ingest(self, table: str, data: pl.DataFrame | pa.Table) -> int:
+        """Bulk-load ``data`` into a new temporary table ``table`` (binary COPY). Returns rows."""
+        import adbc_driver_manager
+
+        arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+        with self._conn.cursor() as cur:
+            try:
+                rows = cur.adbc_ingest(table, arrow, mode="create", temporary=True)
+            except adbc_driver_manager.Error as exc:
+                raise self._wrap(exc, f"COPY INTO temporary table {table}") from exc
+        return int(rows if rows is not None and rows >= 0 else arrow.num_rows)
+
+    def commit(self) -> None:
+        """Commit the open transaction."""
+        import adbc_driver_manager
+
+        try:
+            self._conn.commit()
+        except adbc_driver_manager.Error as exc:
+            raise self._wrap(exc, "COMMIT") from exc
+
+    def rollback(self) -> None:
+        """Roll back the open transaction (quietly if the connection is already broken)."""
+        import adbc_driver_manager
+
+        try:
+            self._conn.rollback()
+        except adbc_driver_manager.Error:
+            pass
+
+    @contextmanager
+    def transaction(self, *, role: str | None = None) -> Iterator[Db]:
+        """A transaction that commits on success and rolls back on any error.
+
+        Args:
+            role: ``SET LOCAL ROLE`` for the block (the job writes as ``service_role``).
+        """
+        self.rollback()  # start from a clean slate: nothing pending from earlier reads
+        try:
+            if role is not None:
+                self.execute(f'SET LOCAL ROLE "{role}"')
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    def close(self) -> None:
+        """Close the connection (rolling back anything left open)."""
+        self.rollback()
+        try:
+            self._conn.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> Db:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain_arrow(table: pa.Table) -> pa.Table:
+    """Replace extension types (uuid, json, opaque numeric) by their storage types."""
+    columns = []
+    for column in table.columns:
+        if isinstance(column.type, pa.ExtensionType):
+            column = pa.chunked_array(
+                [chunk.storage for chunk in column.chunks], type=column.type.storage_type
+            )
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=table.column_names)
+
+
+def connect(dsn: str, *, autocommit: bool = False) -> Db:
+    """Open an ADBC connection; a failure becomes a one-line :class:`SourceError`.
+
+    Raises:
+        SourceError: naming ``host:port/database`` and the server's reason, never the password.
+    """
+    import adbc_driver_manager
+    import adbc_driver_postgresql.dbapi as dbapi
+
+    label = describe_dsn(dsn)
+    try:
+        conn = dbapi.connect(dsn, autocommit=autocommit)
+    except adbc_driver_manager.Error as exc:
+        raise SourceError(
+            f"cannot connect to PostgreSQL at {label}: {_first_line(exc)} "
+            "(check --dsn or DERIVE_DSN)"
+        ) from None
+    except Exception as exc:
+        raise SourceError(
+            f"cannot connect to PostgreSQL at {label}: {redact(str(exc))} (check --dsn or DERIVE_DSN)"
+        ) from None
+    return Db(conn, label)

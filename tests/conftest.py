@@ -1,0 +1,95 @@
+"""Shared fixtures.
+
+Database tests run against a real PostgreSQL: ``DERIVE_TEST_DSN`` when set, otherwise the embedded
+server (in a temporary DERIVE_HOME). Each test gets its own database, cloned from a template that
+is migrated once per session, so tests are isolated and can run in any order or in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from derive.io import migrate as migrations
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same DSN pointing at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A superuser DSN of the server the tests use."""
+    dsn = os.environ.get("DERIVE_TEST_DSN")
+    if dsn:
+        return dsn
+    from derive.io.embedded import ensure_server
+
+    home = Path(os.environ.get("DERIVE_TEST_HOME", tmp_path_factory.getbasetemp().parent / "pg"))
+    return with_database(ensure_server(home), "postgres")
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str) -> str:
+    """Name of a migrated template database (one per migration set, shared by workers)."""
+    digest = hashlib.sha256(
+        "".join(m.checksum for m in migrations.available()).encode()
+    ).hexdigest()[:12]
+    name = f"derive_tpl_{digest}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(4242)")
+        try:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                building = f"{name}_build_{uuid.uuid4().hex[:8]}"
+                conn.execute(f'CREATE DATABASE "{building}"')
+                from derive.io.connect import connect
+
+                with connect(with_database(admin_dsn, building)) as db:
+                    migrations.migrate(db)
+                conn.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(4242)")
+    return name
+
+
+@pytest.fixture
+def dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
+    """DSN of a fresh, migrated database for this test alone."""
+    name = f"derive_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_dsn(admin_dsn: str) -> Iterator[str]:
+    """DSN of a fresh database with no schema at all."""
+    name = f"derive_empty_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg(dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit psycopg connection (superuser) to the test database, for arranging and asserting."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
