@@ -1,0 +1,136 @@
+"""Bulk reads of the derivation's inputs, Arrow end to end.
+
+The queries take no bind parameters: their bounds are transaction-local settings
+(``derive.window_start``, ``derive.as_of``, ...) set with bound values just before, which keeps the
+ADBC driver on its binary-COPY read path. Metadata keys are extracted server-side as text (and
+``consent_recorded`` only when it is a JSON boolean), so a malformed value can never abort the query:
+validation happens in the transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from derive.io.connect import Db
+from derive.transforms.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
+
+_EVENT_COLUMNS = """
+SELECT e.id,
+       e.created_at,
+       e.user_id,
+       e.session_id,
+       e.event_type,
+       e.event_category,
+       jsonb_typeof(e.metadata) = 'object' AS metadata_is_object,
+       e.metadata ->> 'duration_seconds' AS duration_seconds,
+       e.metadata ->> 'scroll_depth_percent' AS scroll_depth_percent,
+       CASE WHEN jsonb_typeof(e.metadata -> 'consent_recorded') = 'boolean'
+            THEN (e.metadata ->> 'consent_recorded')::boolean END AS consent_recorded
+  FROM audience_events e
+"""
+
+#: The lookback window of every user's non-system events (the benchmark's read floor uses it too).
+EVENTS_WINDOW_SQL = (
+    _EVENT_COLUMNS
+    + """ WHERE e.user_id IS NOT NULL
+   AND e.event_category <> 'system'
+   AND e.created_at >= current_setting('derive.window_start')::timestamptz
+   AND e.created_at <= current_setting('derive.as_of')::timestamptz"""
+)
+
+#: The same window for the users listed in ``derive.users`` (comma-separated uuids).
+EVENTS_USERS_SQL = (
+    EVENTS_WINDOW_SQL
+    + """
+   AND e.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"""
+)
+
+_STATES = """
+SELECT s.user_id,
+       s.current_state,
+       s.state_updated_at,
+       s.engagement_score::float8 AS engagement_score,
+       s.last_event_type,
+       s.last_activity_at,
+       s.metadata ->> 'last_audit_id' AS last_audit_id,
+       a.metadata ->> 'new_state' AS audit_new_state,
+       a.user_id = s.user_id AS audit_user_matches
+  FROM audience_state s
+  LEFT JOIN audience_events a
+         ON a.id = CASE WHEN s.metadata ->> 'last_audit_id' ~ '^[0-9a-f-]{36}$'
+                        THEN (s.metadata ->> 'last_audit_id')::uuid END
+        AND a.event_category = 'system'
+        AND a.event_type IN ('state_change_logged', 'state_adopted')
+"""
+STATES_SQL = _STATES
+STATES_USERS_SQL = (
+    _STATES + " WHERE s.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"
+)
+
+RECENT_REJECTIONS_SQL = """
+SELECT e.user_id, e.metadata ->> 'reasons_key' AS reasons_key
+  FROM audience_events e
+ WHERE e.event_category = 'system'
+   AND e.event_type = 'validation_fail'
+   AND e.created_at > current_setting('derive.relog_since')::timestamptz
+   AND (e.metadata ->> 'derived_at')::timestamptz > current_setting('derive.relog_since')::timestamptz
+   AND (e.metadata ->> 'derived_at')::timestamptz <= current_setting('derive.as_of')::timestamptz
+"""
+
+_SIDE_COUNTS_SQL = """
+SELECT count(*) FILTER (WHERE user_id IS NULL
+                          AND created_at >= current_setting('derive.window_start')::timestamptz
+                          AND created_at <= current_setting('derive.as_of')::timestamptz) AS anonymous,
+       count(*) FILTER (WHERE created_at > current_setting('derive.as_of')::timestamptz) AS future
+  FROM audience_events
+ WHERE event_category <> 'system'
+   AND created_at >= current_setting('derive.window_start')::timestamptz
+"""
+
+
+def _conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """Cast to the stage schema (an empty result carries no useful types)."""
+    if frame.height == 0:
+        return pl.DataFrame(schema=schema)
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+
+
+def set_window(
+    db: Db,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    relog_after: timedelta,
+    users: Sequence[str] = (),
+) -> None:
+    """Bind the window bounds for the read queries of this transaction."""
+    db.set_local(
+        as_of=as_of.isoformat(),
+        window_start=(as_of - lookback).isoformat(),
+        relog_since=(as_of - relog_after).isoformat(),
+        users=",".join(users),
+    )
+
+
+def read_events(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
+    """The lookback window of events (non-null user, non-system), one Arrow read."""
+    return _conform(db.fetch_df(EVENTS_USERS_SQL if users else EVENTS_WINDOW_SQL), EVENTS)
+
+
+def read_states(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
+    """Stored states with their last audit row's ``new_state`` resolved (point lookups)."""
+    return _conform(db.fetch_df(STATES_USERS_SQL if users else STATES_SQL), STORED_STATES)
+
+
+def read_recent_rejections(db: Db) -> pl.DataFrame:
+    """``validation_fail`` rows derived within the relog interval before ``as_of``."""
+    return _conform(db.fetch_df(RECENT_REJECTIONS_SQL), RECENT_REJECTIONS)
+
+
+def read_side_counts(db: Db) -> dict[str, int]:
+    """Anonymous events in the window and events stamped after ``as_of`` (counted, not derived)."""
+    anonymous, future = db.fetch_all(_SIDE_COUNTS_SQL)[0]
+    return {"anonymous": int(anonymous), "future": int(future)}

@@ -1,0 +1,1 @@
+"""Pure transforms: Polars frames in, Polars frames out. No I/O, no clock, no logging."""
