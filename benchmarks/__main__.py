@@ -1,0 +1,96 @@
+"""``python -m benchmarks run --scale S M``: measure, print the tables, rewrite the README."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks.harness import SCALES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark `derive run` against the seed's PL/pgSQL loop and the read floor.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run", help="generate data, measure (a)-(e), check agreement, rewrite benchmarks/README.md"
+    )
+    run.add_argument(
+        "--scale",
+        nargs="+",
+        choices=sorted(SCALES),
+        default=["S"],
+        help="one or more scales: S = 10k users, M = 100k, L = 1M (default: S)",
+    )
+    run.add_argument(
+        "--dsn",
+        help="superuser URL of the server (default: DERIVE_BENCH_DSN, "
+        "DERIVE_DSN, postgresql://postgres@127.0.0.1:5432/postgres)",
+    )
+    run.add_argument(
+        "--repeat", type=int, default=3, help="runs per figure, median reported (>= 1)"
+    )
+    run.add_argument("--only", choices=["derive"], help="`derive`: skip the other jobs' benchmarks")
+    run.add_argument(
+        "--baseline-cap",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="skip the full baseline loop when a sample projects it beyond this",
+    )
+    run.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="print the results without rewriting README.md and the plot",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (1 when a step fails or (a) and (c) disagree)."""
+    args = _parser().parse_args(argv)
+    if args.repeat < 1:
+        sys.stderr.write("--repeat must be at least 1\n")
+        return 2
+    from benchmarks import harness, report  # noqa: PLC0415 - matplotlib and psycopg load late
+
+    report.require_matplotlib()
+    scales = sorted(dict.fromkeys(args.scale), key=list(SCALES).index)
+    try:
+        results = harness.run(
+            scales,
+            dsn=args.dsn,
+            repeat=args.repeat,
+            baseline_cap=args.baseline_cap,
+            with_others=args.only != "derive",
+        )
+    except harness.BenchError as exc:
+        sys.stderr.write(f"benchmark failed: {exc}\n")
+        return 1
+    command = "python -m benchmarks run --scale " + " ".join(scales)
+    if args.repeat != 3:
+        command += f" --repeat {args.repeat}"
+    if args.only:
+        command += f" --only {args.only}"
+    text = report.render(
+        results,
+        report.environment(harness.server_dsn(args.dsn)),
+        command=command,
+        repeat=args.repeat,
+    )
+    sys.stdout.write(text)
+    if not args.no_readme:
+        report.plot(results)
+        report.README.write_text(text)
+        harness.log(f"wrote {report.README} and {report.PLOT}")
+    disagreements = [r.scale for r in results if r.agreement is not None and not r.agreement.ok]
+    if disagreements:
+        sys.stderr.write(f"(a) and (c) disagree at scale {', '.join(disagreements)}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,633 @@
+"""The measurements behind ``python -m benchmarks run``.
+
+One scale is measured on one dataset: the project's generator fills a template database once
+(``derive_bench_loaded``, fixed seed, clean data), and every measurement runs in ``derive_bench``,
+a copy made with ``CREATE DATABASE ... TEMPLATE``, so each first run of the job starts from exactly
+the same bytes. The figures:
+
+(a) baseline: ``bench_baseline.run_batch`` (benchmarks/baseline.sql), one PL/pgSQL call per user;
+(b) read floor: ``COPY (<the job's window query>) TO STDOUT (FORMAT binary)``, streamed here;
+(c) ``derive run`` on a fresh copy (every user new);
+(d) ``derive run`` again (nothing changed);
+(e) ``derive run --dry-run``.
+
+The job runs as a subprocess: its wall time is what a cron user waits for, ``os.wait4`` gives its
+peak RSS, and its ``derivation_runs`` row (or its ``--json`` output for a dry run) gives phase
+timings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from derive.config import load_rules
+from derive.io.connect import connect
+from derive.io.migrate import migrate
+
+HERE = Path(__file__).resolve().parent
+BASELINE_SQL = HERE / "baseline.sql"
+
+SCALES: dict[str, int] = {"S": 10_000, "M": 100_000, "L": 1_000_000}
+AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
+LOOKBACK = timedelta(days=120)
+LOOKBACK_TEXT = "120d"
+SEED = 6
+LOADED_DB = "derive_bench_loaded"
+WORK_DB = "derive_bench"
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: Users in the timed sample that decides whether the full baseline fits under the time cap.
+BASELINE_SAMPLE = 1_000
+OTHER_JOBS = ("bench_rollup", "bench_attribution")
+
+CASES: dict[str, str] = {
+    "a": "(a) baseline: PL/pgSQL per user, looped",
+    "b": "(b) read floor: COPY window TO STDOUT (binary)",
+    "c": "(c) derive run, first run (all users new)",
+    "d": "(d) derive run, steady state (nothing changed)",
+    "e": "(e) derive run --dry-run (compute only)",
+}
+
+
+class BenchError(RuntimeError):
+    """A benchmark step could not run; the message says which and why."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout carries only the result tables."""
+    sys.stderr.write(f"[{datetime.now().strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """Repeated measurements of one case at one scale."""
+
+    case: str
+    seconds: list[float] = field(default_factory=list)
+    job_seconds: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    rows: int | None = None
+    note: str = ""
+    projected: bool = False
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def job_median(self) -> float | None:
+        return statistics.median(self.job_seconds) if self.job_seconds else None
+
+    @property
+    def rss_max(self) -> float | None:
+        return max(self.peak_rss_mb) if self.peak_rss_mb else None
+
+    def phase_medians(self) -> dict[str, float]:
+        """Median seconds of each phase over the runs that reported it, in first-seen order."""
+        names: list[str] = []
+        for phases in self.phases:
+            names.extend(name for name in phases if name not in names)
+        return {
+            name: statistics.median([p[name] for p in self.phases if name in p]) for name in names
+        }
+
+
+@dataclass
+class Agreement:
+    """How the baseline's states compare with the job's after a first run on clean data."""
+
+    compared: int
+    states_equal: int
+    scores_equal: int
+    only_baseline: int
+    only_derive: int
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.compared > 0 and self.states_equal == self.compared
+
+
+@dataclass
+class ScaleResult:
+    """Everything measured at one scale."""
+
+    scale: str
+    users: int
+    events_total: int = 0
+    window_rows: int = 0
+    window_bytes: int = 0
+    load_seconds: float = 0.0
+    users_in_window: int = 0
+    figures: dict[str, Figure] = field(default_factory=dict)
+    agreement: Agreement | None = None
+    others: list[dict[str, Any]] = field(default_factory=list)
+
+    def ratio(self, top: str, bottom: str, *, job_time: bool = False) -> float | None:
+        """Median of case ``top`` over median of case ``bottom`` (None when one is missing)."""
+        a, b = self.figures.get(top), self.figures.get(bottom)
+        if a is None or b is None or not a.seconds or not b.seconds:
+            return None
+        numerator = a.job_median if job_time and a.job_median is not None else a.median
+        denominator = b.job_median if job_time and b.job_median is not None else b.median
+        return numerator / denominator if denominator > 0 else None
+
+
+# -- databases -------------------------------------------------------------------------------------
+
+
+def server_dsn(explicit: str | None = None) -> str:
+    """The server to benchmark on: ``--dsn``, DERIVE_BENCH_DSN, DERIVE_DSN or the local server."""
+    for candidate in (explicit, os.environ.get("DERIVE_BENCH_DSN"), os.environ.get("DERIVE_DSN")):
+        if candidate:
+            return candidate
+    return DEFAULT_SERVER
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same URL pointing at another database."""
+    if "://" not in dsn:
+        raise BenchError(
+            f"the benchmark needs a postgresql:// URL, got a key=value DSN ({dsn[:20]}...)"
+        )
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@contextmanager
+def admin(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """Autocommit connection to the server's maintenance database."""
+    with psycopg.connect(with_database(dsn, "postgres"), autocommit=True) as conn:
+        yield conn
+
+
+def recreate_database(dsn: str, name: str, *, template: str | None = None) -> str:
+    """Drop ``name`` if present and create it (from ``template`` when given); return its URL."""
+    with admin(dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        clause = f' TEMPLATE "{template}"' if template else ""
+        for attempt in range(5):
+            try:
+                conn.execute(f'CREATE DATABASE "{name}"{clause}')
+                break
+            except psycopg.errors.ObjectInUse:
+                # An autovacuum worker can hold the template for a moment after a load.
+                if attempt == 4:
+                    raise
+                time.sleep(2)
+    return with_database(dsn, name)
+
+
+def drop_database(dsn: str, name: str) -> None:
+    """Drop ``name`` if it exists."""
+    with admin(dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrate_database(dsn: str) -> None:
+    """Apply the project's migrations to the database at ``dsn``."""
+    with connect(dsn) as db:
+        migrate(db)
+
+
+def load_dataset(
+    dsn: str, *, users: int, seed: int = SEED, as_of: datetime = AS_OF
+) -> dict[str, Any]:
+    """Fill ``dsn`` with the project's generator: clean data, no near-duplicate bursts."""
+    try:
+        from derive.jobs.demo import load_demo_data  # noqa: PLC0415 - may not be installed yet
+    except ImportError as exc:
+        raise BenchError(
+            "the data generator derive.jobs.demo.load_demo_data is not available in this checkout"
+        ) from exc
+    with connect(dsn) as db:
+        summary = load_demo_data(
+            db, users=users, as_of=as_of, seed=seed, dirty=False, bursts=False, rules=load_rules()
+        )
+        db.commit()
+    return dict(summary)
+
+
+def install_baseline(dsn: str) -> None:
+    """Create (or replace) the bench_baseline schema, tables and functions."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(BASELINE_SQL.read_text())
+
+
+def analyze(dsn: str) -> None:
+    """VACUUM ANALYZE and CHECKPOINT, so every copy starts with statistics and clean pages."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+
+
+# -- (a) baseline ----------------------------------------------------------------------------------
+
+
+def run_baseline(
+    dsn: str, *, as_of: datetime = AS_OF, lookback: timedelta = LOOKBACK, limit: int | None = None
+) -> tuple[float, int]:
+    """Reset the baseline's tables and time one ``run_batch``; return (seconds, users derived)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE bench_baseline.audience_state, bench_baseline.state_log")
+        start = time.perf_counter()
+        row = conn.execute(
+            "SELECT bench_baseline.run_batch(%s, %s, %s)", (as_of, lookback, limit)
+        ).fetchone()
+        seconds = time.perf_counter() - start
+    assert row is not None
+    return seconds, int(row[0])
+
+
+def window_users(dsn: str, *, as_of: datetime = AS_OF, lookback: timedelta = LOOKBACK) -> int:
+    """Users with at least one event in the lookback window (the users the baseline loops over)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT user_id) FROM audience_events WHERE user_id IS NOT NULL"
+            " AND created_at >= %s AND created_at <= %s",
+            (as_of - lookback, as_of),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def baseline_states(dsn: str) -> dict[str, tuple[str, float]]:
+    """user_id -> (state, score) written by the baseline."""
+    return _states(dsn, "bench_baseline.audience_state")
+
+
+def derive_states(dsn: str) -> dict[str, tuple[str, float]]:
+    """user_id -> (state, score) written by ``derive run``."""
+    return _states(dsn, "public.audience_state")
+
+
+def _states(dsn: str, table: str) -> dict[str, tuple[str, float]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT user_id::text, current_state, engagement_score::float8 FROM {table}"
+        ).fetchall()
+    return {str(u): (str(s), float(v)) for u, s, v in rows}
+
+
+def compare_states(
+    baseline: Mapping[str, tuple[str, float]], derived: Mapping[str, tuple[str, float]]
+) -> Agreement:
+    """Compare the two outcomes user by user.
+
+    Users only the baseline derived are users the job rejected by a fail-safe (the seed has none,
+    SPEC §2.9 item 6); they are counted, not compared.
+    """
+    common = baseline.keys() & derived.keys()
+    differing = sorted(u for u in common if baseline[u][0] != derived[u][0])
+    scores_equal = sum(1 for u in common if abs(baseline[u][1] - derived[u][1]) < 1e-9)
+    return Agreement(
+        compared=len(common),
+        states_equal=len(common) - len(differing),
+        scores_equal=scores_equal,
+        only_baseline=len(baseline.keys() - derived.keys()),
+        only_derive=len(derived.keys() - baseline.keys()),
+        examples=[f"{u}: baseline {baseline[u][0]}, derive {derived[u][0]}" for u in differing[:5]],
+    )
+
+
+# -- (b) read floor --------------------------------------------------------------------------------
+
+
+def window_sql() -> str:
+    """The job's window query (derive.io.read.EVENTS_WINDOW_SQL)."""
+    try:
+        from derive.io.read import EVENTS_WINDOW_SQL  # noqa: PLC0415
+    except ImportError as exc:
+        raise BenchError(
+            "derive.io.read.EVENTS_WINDOW_SQL is not available in this checkout"
+        ) from exc
+    return EVENTS_WINDOW_SQL
+
+
+def _set_window(conn: psycopg.Connection[Any], as_of: datetime, lookback: timedelta) -> None:
+    conn.execute(
+        "SELECT set_config('derive.window_start', %s, false),"
+        " set_config('derive.as_of', %s, false)",
+        ((as_of - lookback).isoformat(), as_of.isoformat()),
+    )
+
+
+def read_floor(
+    dsn: str, sql: str, *, as_of: datetime = AS_OF, lookback: timedelta = LOOKBACK
+) -> tuple[float, int]:
+    """Time ``COPY (sql) TO STDOUT (FORMAT binary)`` streamed to this client; (seconds, bytes)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _set_window(conn, as_of, lookback)
+        received = 0
+        start = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
+            for block in copy:
+                received += len(block)
+        seconds = time.perf_counter() - start
+    return seconds, received
+
+
+def window_rows(
+    dsn: str, sql: str, *, as_of: datetime = AS_OF, lookback: timedelta = LOOKBACK
+) -> int:
+    """Rows the window query returns."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _set_window(conn, as_of, lookback)
+        row = conn.execute(f"SELECT count(*) FROM ({sql}) AS w").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- (c)-(e) derive run ----------------------------------------------------------------------------
+
+
+@dataclass
+class DeriveRun:
+    """One ``derive run`` subprocess."""
+
+    seconds: float
+    peak_rss_mb: float
+    job_seconds: float | None
+    phases: dict[str, float]
+    counts: dict[str, Any]
+
+
+def derive_command() -> list[str]:
+    """How to start the CLI: the console script next to this interpreter, else ``-c``."""
+    script = Path(sys.executable).with_name("derive")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("derive")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from derive.cli import main; sys.exit(main())"]
+
+
+def _find(payload: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in a JSON document."""
+    if isinstance(payload, dict):
+        if key in payload:
+            return payload[key]
+        for value in payload.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    elif isinstance(payload, list):
+        for value in payload:
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _numeric(mapping: Any) -> dict[str, float]:
+    if not isinstance(mapping, dict):
+        return {}
+    return {str(k): float(v) for k, v in mapping.items() if isinstance(v, int | float)}
+
+
+def run_derive(
+    dsn: str, *, as_of: datetime = AS_OF, lookback: str = LOOKBACK_TEXT, dry_run: bool = False
+) -> DeriveRun:
+    """Run ``derive run --json`` as a child process and collect its wall time, RSS and timings.
+
+    Raises:
+        BenchError: when the command exits non-zero (its stderr tail is in the message).
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started_row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert started_row is not None
+    argv = [
+        *derive_command(),
+        "run",
+        "--dsn",
+        dsn,
+        "--as-of",
+        as_of.isoformat(),
+        "--lookback",
+        lookback,
+        "--json",
+    ]
+    if dry_run:
+        argv.append("--dry-run")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if child.returncode != 0:
+        tail = "\n".join((stderr or stdout).strip().splitlines()[-8:])
+        raise BenchError(
+            f"`derive run{' --dry-run' if dry_run else ''}` exited {child.returncode}:\n{tail}"
+        )
+    try:
+        payload: Any = json.loads(stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    phases = _numeric(_find(payload, "timings"))
+    counts = _find(payload, "counts") or {}
+    job_seconds: float | None = None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM finished_at - started_at)::float8, timings, counts"
+            " FROM derivation_runs WHERE job = 'derive' AND started_at >= %s"
+            " ORDER BY started_at DESC LIMIT 1",
+            (started_row[0],),
+        ).fetchone()
+    if row is not None and not dry_run:
+        job_seconds = float(row[0]) if row[0] is not None else None
+        phases = _numeric(row[1]) or phases
+        counts = row[2] or counts
+    return DeriveRun(
+        seconds=seconds,
+        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports kilobytes
+        job_seconds=job_seconds,
+        phases=phases,
+        counts=dict(counts) if isinstance(counts, dict) else {},
+    )
+
+
+def _add(figure: Figure, run: DeriveRun) -> None:
+    figure.seconds.append(run.seconds)
+    figure.peak_rss_mb.append(run.peak_rss_mb)
+    if run.job_seconds is not None:
+        figure.job_seconds.append(run.job_seconds)
+    figure.phases.append(run.phases)
+
+
+# -- one scale -------------------------------------------------------------------------------------
+
+
+def prepare(server: str, result: ScaleResult) -> None:
+    """Build the loaded template database of this scale."""
+    loaded = recreate_database(server, LOADED_DB)
+    migrate_database(loaded)
+    log(f"{result.scale}: generating {result.users:,} users (seed {SEED}, clean, no bursts)")
+    start = time.perf_counter()
+    summary = load_dataset(loaded, users=result.users)
+    install_baseline(loaded)
+    analyze(loaded)
+    result.load_seconds = time.perf_counter() - start
+    with psycopg.connect(loaded, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM audience_events").fetchone()
+    result.events_total = int(row[0]) if row else 0
+    log(
+        f"{result.scale}: loaded {result.events_total:,} events"
+        f" in {result.load_seconds:.1f} s: {summary}"
+    )
+
+
+def measure_baseline(
+    work: str, result: ScaleResult, *, repeat: int, cap: float
+) -> dict[str, tuple[str, float]]:
+    """(a): a timed sample first; the full loop ``repeat`` times unless projected beyond ``cap``."""
+    figure = Figure("a")
+    sample_s, sampled = run_baseline(work, limit=BASELINE_SAMPLE)
+    users = window_users(work)
+    result.users_in_window = users
+    projected = sample_s * users / max(sampled, 1)
+    log(
+        f"{result.scale}: baseline sample of {sampled} users took {sample_s:.2f} s,"
+        f" projected for all: {projected:.0f} s"
+    )
+    if projected > cap:
+        figure.seconds = [projected]
+        figure.projected = True
+        figure.note = (
+            f"projected from a {sampled}-user sample ({sample_s:.1f} s): over the {cap:.0f} s cap,"
+            " full loop skipped"
+        )
+        result.figures["a"] = figure
+        return {}
+    for i in range(repeat):
+        seconds, users = run_baseline(work)
+        figure.seconds.append(seconds)
+        log(f"{result.scale}: (a) run {i + 1}/{repeat}: {seconds:.2f} s ({users:,} users)")
+    figure.rows = users
+    figure.note = f"{users:,} calls, one per user"
+    result.figures["a"] = figure
+    return baseline_states(work)
+
+
+def measure_scale(
+    server: str, scale: str, *, repeat: int, baseline_cap: float, with_others: bool
+) -> ScaleResult:
+    """All measurements of one scale (see the module docstring)."""
+    result = ScaleResult(scale=scale, users=SCALES[scale])
+    sql = window_sql()
+    prepare(server, result)
+    work = recreate_database(server, WORK_DB, template=LOADED_DB)
+
+    floor = Figure("b")
+    for i in range(repeat):
+        seconds, received = read_floor(work, sql)
+        floor.seconds.append(seconds)
+        result.window_bytes = received
+        log(f"{scale}: (b) run {i + 1}/{repeat}: {seconds:.2f} s, {received / 2**20:.0f} MiB")
+    result.window_rows = window_rows(work, sql)
+    floor.rows = result.window_rows
+    floor.note = f"{result.window_rows:,} rows, {result.window_bytes / 2**20:.0f} MiB"
+    result.figures["b"] = floor
+
+    baseline = measure_baseline(work, result, repeat=repeat, cap=baseline_cap)
+
+    first = Figure("c")
+    for i in range(repeat):
+        work = recreate_database(server, WORK_DB, template=LOADED_DB)
+        run = run_derive(work)
+        _add(first, run)
+        log(
+            f"{scale}: (c) run {i + 1}/{repeat}: {run.seconds:.2f} s, RSS {run.peak_rss_mb:.0f} MiB"
+        )
+    first.note = _counts_note(run.counts)
+    result.figures["c"] = first
+    if baseline:
+        result.agreement = compare_states(baseline, derive_states(work))
+
+    for case, dry in (("d", False), ("e", True)):
+        figure = Figure(case)
+        for i in range(repeat):
+            run = run_derive(work, dry_run=dry)
+            _add(figure, run)
+            log(
+                f"{scale}: ({case}) run {i + 1}/{repeat}: {run.seconds:.2f} s,"
+                f" RSS {run.peak_rss_mb:.0f} MiB"
+            )
+        figure.note = _counts_note(run.counts)
+        result.figures[case] = figure
+
+    if with_others:
+        result.others = measure_others(server, scale)
+    return result
+
+
+def _counts_note(counts: Mapping[str, Any]) -> str:
+    keys = ("events_read", "users_evaluated", "changed", "audit_rows")
+    shown = [f"{k}={counts[k]:,}" for k in keys if isinstance(counts.get(k), int)]
+    return ", ".join(shown)
+
+
+def measure_others(server: str, scale: str) -> list[dict[str, Any]]:
+    """Rows of the other jobs' benchmark modules, each on its own fresh migrated database."""
+    rows: list[dict[str, Any]] = []
+    for name in OTHER_JOBS:
+        if not (HERE / f"{name}.py").exists():
+            log(f"{scale}: benchmarks/{name}.py not present, skipped")
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        measure: Callable[..., list[dict[str, Any]]] = module.measure
+        database = f"derive_bench_{name.removeprefix('bench_')}"
+        dsn = recreate_database(server, database)
+        migrate_database(dsn)
+        log(f"{scale}: measuring benchmarks/{name}.py")
+        try:
+            for row in measure(dsn, scale=scale):
+                rows.append({"job": name.removeprefix("bench_"), **row})
+        finally:
+            drop_database(server, database)
+    return rows
+
+
+def run(
+    scales: list[str],
+    *,
+    dsn: str | None = None,
+    repeat: int = 3,
+    baseline_cap: float = 1800.0,
+    with_others: bool = True,
+) -> list[ScaleResult]:
+    """Measure every scale in order on the server named by ``dsn`` (see :func:`server_dsn`)."""
+    server = server_dsn(dsn)
+    results = []
+    for scale in scales:
+        results.append(
+            measure_scale(
+                server, scale, repeat=repeat, baseline_cap=baseline_cap, with_others=with_others
+            )
+        )
+    return results
