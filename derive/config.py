@@ -177,7 +177,9 @@ class Rules:
     def weights(self) -> dict[str, float]:
         """event_type -> weight, for the scored (non-system) catalog."""
         return {
-            et: w for cat, types in self.catalog.items() if cat != SYSTEM_CATEGORY
+            et: w
+            for cat, types in self.catalog.items()
+            if cat != SYSTEM_CATEGORY
             for et, w in types.items()
         }
 
@@ -185,6 +187,11 @@ class Rules:
     def scored_categories(self) -> tuple[str, ...]:
         """Every catalog category but ``system``."""
         return tuple(c for c in self.catalog if c != SYSTEM_CATEGORY)
+
+    @property
+    def score_metric(self) -> str:
+        """Name of the metric stored as ``engagement_score`` (the one of kind ``score``)."""
+        return next(m.name for m in self.metrics if m.kind == "score")
 
     @property
     def tag(self) -> str:
@@ -245,7 +252,9 @@ class _RulesParser:
             raise self.fail(f"{path}{key}", value, f"one of {', '.join(STATES)}")
         return str(value)
 
-    def strings(self, data: dict[str, Any], key: str, path: str, allowed: set[str]) -> tuple[str, ...]:
+    def strings(
+        self, data: dict[str, Any], key: str, path: str, allowed: set[str]
+    ) -> tuple[str, ...]:
         value = data.get(key, [])
         if not isinstance(value, list) or any(v not in allowed for v in value):
             raise self.fail(f"{path}{key}", value, f"a list drawn from {sorted(allowed)}")
@@ -263,18 +272,23 @@ class _RulesParser:
             for event_type, _ in types.items():
                 if event_type in seen:
                     raise self.fail(
-                        f"catalog.{category}.{event_type}", event_type,
+                        f"catalog.{category}.{event_type}",
+                        event_type,
                         f"an event type listed once (already under {seen[event_type]!r})",
                     )
                 seen[event_type] = category
-                catalog[category][event_type] = self.number(types, event_type, f"catalog.{category}.")
+                catalog[category][event_type] = self.number(
+                    types, event_type, f"catalog.{category}."
+                )
         if SYSTEM_CATEGORY not in catalog:
             raise self.fail("catalog.system", None, "the system category with its event types")
 
         qual = self.table(data, "qualification", "")
         qualified_type = self.text(qual, "event_type", "qualification.")
         if qualified_type not in seen:
-            raise self.fail("qualification.event_type", qualified_type, "an event type of the catalog")
+            raise self.fail(
+                "qualification.event_type", qualified_type, "an event type of the catalog"
+            )
         dedupe = self.table(data, "dedupe", "")
         failsafe = self.table(data, "failsafe", "")
         categories = set(catalog) - {SYSTEM_CATEGORY}
@@ -282,6 +296,12 @@ class _RulesParser:
 
         metrics = self.parse_metrics(self.table(data, "metrics", ""), event_types, categories)
         names = {m.name for m in metrics}
+        if sum(m.kind == "score" for m in metrics) != 1:
+            raise self.fail(
+                "metrics",
+                sorted(m.name for m in metrics if m.kind == "score"),
+                'exactly one metric of kind "score" (it becomes engagement_score)',
+            )
         gates = self.parse_gates(data.get("gates"), names)
         downgrades = self.parse_downgrades(data.get("downgrades"))
         return Rules(
@@ -290,13 +310,17 @@ class _RulesParser:
             catalog=catalog,
             qualified_event_type=qualified_type,
             min_duration_seconds=self.number(qual, "min_duration_seconds", "qualification."),
-            min_scroll_depth_percent=self.number(qual, "min_scroll_depth_percent", "qualification."),
+            min_scroll_depth_percent=self.number(
+                qual, "min_scroll_depth_percent", "qualification."
+            ),
             dedupe_window=timedelta(seconds=self.number(dedupe, "window_seconds", "dedupe.")),
             spike_max_events_per_hour=int(
                 self.number(failsafe, "spike_max_events_per_hour", "failsafe.", minimum=1)
             ),
             relog_after=timedelta(hours=self.number(failsafe, "relog_after_hours", "failsafe.")),
-            consent_categories=self.strings(failsafe, "consent_categories", "failsafe.", categories),
+            consent_categories=self.strings(
+                failsafe, "consent_categories", "failsafe.", categories
+            ),
             metrics=metrics,
             gates=gates,
             downgrades=downgrades,
@@ -315,7 +339,9 @@ class _RulesParser:
             if kind not in METRIC_KINDS:
                 raise self.fail(f"{path}kind", kind, f"one of {', '.join(METRIC_KINDS)}")
             within = spec.get("within_days")
-            if within is not None and (isinstance(within, bool) or not isinstance(within, int) or within < 1):
+            if within is not None and (
+                isinstance(within, bool) or not isinstance(within, int) or within < 1
+            ):
                 raise self.fail(f"{path}within_days", within, "a whole number of days >= 1")
             only = spec.get("only")
             if only is not None and only not in ONLY_FILTERS:
@@ -342,14 +368,18 @@ class _RulesParser:
                 raise self.fail(f"gates[{i}]", spec, "a table")
             from_state, to_state = self.state(spec, "from", path), self.state(spec, "to", path)
             if STATES.index(to_state) != STATES.index(from_state) + 1:
-                raise self.fail(f"{path}to", to_state, f"the state right after {from_state} (no skipping)")
+                raise self.fail(
+                    f"{path}to", to_state, f"the state right after {from_state} (no skipping)"
+                )
             clauses_raw = spec.get("clauses")
             if not isinstance(clauses_raw, list) or not clauses_raw:
                 raise self.fail(f"{path}clauses", clauses_raw, "a non-empty array of clauses")
             clauses = []
             for j, clause in enumerate(clauses_raw):
                 if not isinstance(clause, list) or not clause:
-                    raise self.fail(f"{path}clauses[{j}]", clause, "a non-empty array of comparisons")
+                    raise self.fail(
+                        f"{path}clauses[{j}]", clause, "a non-empty array of comparisons"
+                    )
                 terms = []
                 for k, term in enumerate(clause):
                     tpath = f"{path}clauses[{j}][{k}]."
@@ -361,16 +391,29 @@ class _RulesParser:
                     op = term.get("op")
                     if op not in OPS:
                         raise self.fail(f"{tpath}op", op, f"one of {', '.join(OPS)}")
-                    terms.append(Comparison(metric, op, self.number(term, "value", tpath, minimum=-1e18)))
+                    terms.append(
+                        Comparison(metric, op, self.number(term, "value", tpath, minimum=-1e18))
+                    )
                 clauses.append(tuple(terms))
             min_pass = spec.get("min_pass", 1)
-            if isinstance(min_pass, bool) or not isinstance(min_pass, int) or not 1 <= min_pass <= len(clauses):
-                raise self.fail(f"{path}min_pass", min_pass, f"a whole number from 1 to {len(clauses)}")
-            gates.append(Gate(self.text(spec, "id", path), from_state, to_state, min_pass, tuple(clauses)))
+            if (
+                isinstance(min_pass, bool)
+                or not isinstance(min_pass, int)
+                or not 1 <= min_pass <= len(clauses)
+            ):
+                raise self.fail(
+                    f"{path}min_pass", min_pass, f"a whole number from 1 to {len(clauses)}"
+                )
+            gates.append(
+                Gate(self.text(spec, "id", path), from_state, to_state, min_pass, tuple(clauses))
+            )
         chain = [g.from_state for g in gates]
         if chain != list(STATES[: len(gates)]):
-            raise self.fail("gates", [f"{g.from_state}->{g.to_state}" for g in gates],
-                            "gates in order S0->S1, S1->S2, ... with no gaps")
+            raise self.fail(
+                "gates",
+                [f"{g.from_state}->{g.to_state}" for g in gates],
+                "gates in order S0->S1, S1->S2, ... with no gaps",
+            )
         return tuple(gates)
 
     def parse_downgrades(self, raw: object) -> tuple[Downgrade, ...]:

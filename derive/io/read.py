@@ -67,7 +67,8 @@ SELECT s.user_id,
 """
 STATES_SQL = _STATES
 STATES_USERS_SQL = (
-    _STATES + " WHERE s.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"
+    _STATES
+    + " WHERE s.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"
 )
 
 RECENT_REJECTIONS_SQL = """

@@ -95,7 +95,7 @@ def job_run(
     """
     key = lock_key(job)
     db.rollback()
-    got = db.fetch_value("SELECT pg_try_advisory_lock($1, $2)", (_LOCK_CLASS, key))
+    got = db.fetch_value("SELECT pg_try_advisory_lock($1::int, $2::int)", (_LOCK_CLASS, key))
     db.commit()
     payload = json.dumps(args or {}, default=str)
     if not got:
@@ -130,7 +130,7 @@ def job_run(
             _finish(db, run, "succeeded", None)
     finally:
         db.rollback()
-        db.fetch_value("SELECT pg_advisory_unlock($1, $2)", (_LOCK_CLASS, key))
+        db.fetch_value("SELECT pg_advisory_unlock($1::int, $2::int)", (_LOCK_CLASS, key))
         db.commit()
 
 
@@ -140,8 +140,13 @@ def _finish(db: Db, run: Run, status: str, error: str | None) -> None:
             db.execute(
                 "UPDATE derivation_runs SET status = $2, finished_at = clock_timestamp(),"
                 " counts = $3::jsonb, timings = $4::jsonb, error = $5 WHERE run_id = $1::uuid",
-                (run.run_id, status, json.dumps(run.counts, default=str),
-                 json.dumps(run.timings), error),
+                (
+                    run.run_id,
+                    status,
+                    json.dumps(run.counts, default=str),
+                    json.dumps(run.timings),
+                    error,
+                ),
             )
     except Exception:
         if status == "succeeded":

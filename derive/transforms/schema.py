@@ -10,7 +10,7 @@ import polars as pl
 
 from derive.config import STATES
 
-UUID = pl.Binary
+UUID = pl.Binary()
 TS = pl.Datetime("us", "UTC")
 STATE = pl.Enum(list(STATES))
 
@@ -20,13 +20,13 @@ EVENTS = pl.Schema(
         "id": UUID,
         "created_at": TS,
         "user_id": UUID,
-        "session_id": pl.String,
-        "event_type": pl.String,
-        "event_category": pl.String,
-        "metadata_is_object": pl.Boolean,
-        "duration_seconds": pl.String,
-        "scroll_depth_percent": pl.String,
-        "consent_recorded": pl.Boolean,
+        "session_id": pl.String(),
+        "event_type": pl.String(),
+        "event_category": pl.String(),
+        "metadata_is_object": pl.Boolean(),
+        "duration_seconds": pl.String(),
+        "scroll_depth_percent": pl.String(),
+        "consent_recorded": pl.Boolean(),
     }
 )
 
@@ -34,19 +34,19 @@ EVENTS = pl.Schema(
 STORED_STATES = pl.Schema(
     {
         "user_id": UUID,
-        "current_state": pl.String,
+        "current_state": pl.String(),
         "state_updated_at": TS,
-        "engagement_score": pl.Float64,
-        "last_event_type": pl.String,
+        "engagement_score": pl.Float64(),
+        "last_event_type": pl.String(),
         "last_activity_at": TS,
-        "last_audit_id": pl.String,
-        "audit_new_state": pl.String,
-        "audit_user_matches": pl.Boolean,
+        "last_audit_id": pl.String(),
+        "audit_new_state": pl.String(),
+        "audit_user_matches": pl.Boolean(),
     }
 )
 
 #: Recent ``validation_fail`` rows: who was rejected for which reasons (for the 24 h relog rule).
-RECENT_REJECTIONS = pl.Schema({"user_id": UUID, "reasons_key": pl.String})
+RECENT_REJECTIONS = pl.Schema({"user_id": UUID, "reasons_key": pl.String()})
 
 #: Validation reasons, in the order they are checked (the first that applies is recorded).
 INVALID_REASONS: tuple[str, ...] = (

@@ -1,0 +1,167 @@
+"""The derivation's write: one transaction, bulk COPY into temp tables, set-based SQL after.
+
+Inside the transaction: ``SET LOCAL ROLE service_role``; the guard's run marker
+(``derive.run_id``); ADBC bulk ingest of the audit steps, the state rows and the rejections; then
+three statements insert the ``state_change_logged`` rows, the ``validation_fail`` rows and upsert
+``audience_state`` (``ON CONFLICT ... WHERE ... IS DISTINCT FROM``). Audit ids are derived from
+``(run_id, user, step)`` so the state row can point at its last audit row without a round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from derive.io.connect import Db
+
+_AUDIT_ID = (
+    "md5(current_setting('derive.run_id') || ':' || encode({user}, 'hex') || ':' || {step})::uuid"
+)
+
+_INSERT_AUDIT = f"""
+INSERT INTO audience_events
+       (id, created_at, user_id, event_type, event_category, event_source, metadata)
+SELECT {_AUDIT_ID.format(user="a.user_id", step="a.step")},
+       clock_timestamp(),
+       encode(a.user_id, 'hex')::uuid,
+       'state_change_logged', 'system', 'derive',
+       jsonb_build_object(
+         'prior_state', a.prior_state,
+         'new_state', a.new_state,
+         'rule_trigger', a.rule_trigger::jsonb,
+         'derived_at', current_setting('derive.as_of')::timestamptz,
+         'derived_by', current_setting('derive.derived_by'),
+         'run_id', current_setting('derive.run_id'),
+         'rules_version', current_setting('derive.rules_version'),
+         'step', a.step,
+         'steps', a.steps)
+  FROM derive_tmp_audit a
+ ORDER BY a.user_id, a.step
+"""
+
+_INSERT_REJECTIONS = """
+INSERT INTO audience_events (user_id, event_type, event_category, event_source, metadata)
+SELECT encode(r.user_id, 'hex')::uuid,
+       'validation_fail', 'system', 'derive',
+       jsonb_build_object(
+         'reasons', to_jsonb(string_to_array(r.reasons_key, ',')),
+         'reasons_key', r.reasons_key,
+         'evidence', r.evidence::jsonb,
+         'derived_at', current_setting('derive.as_of')::timestamptz,
+         'derived_by', current_setting('derive.derived_by'),
+         'run_id', current_setting('derive.run_id'),
+         'rules_version', current_setting('derive.rules_version'))
+  FROM derive_tmp_rejections r
+ ORDER BY r.user_id
+"""
+
+_UPSERT_STATES = f"""
+INSERT INTO audience_state AS s
+       (user_id, current_state, state_updated_at, updated_at, engagement_score, last_event_type,
+        last_activity_at, metadata)
+SELECT encode(w.user_id, 'hex')::uuid,
+       w.current_state,
+       w.state_updated_at,
+       now(),
+       w.engagement_score,
+       w.last_event_type,
+       w.last_activity_at,
+       jsonb_build_object(
+         'metrics', w.metrics::jsonb,
+         'rules_version', current_setting('derive.rules_version'),
+         'run_id', current_setting('derive.run_id'),
+         'rule_trigger', w.last_rule_trigger::jsonb,
+         'last_audit_id', CASE WHEN w.audit_steps > 0
+                               THEN {_AUDIT_ID.format(user="w.user_id", step="w.audit_steps")}::text
+                          END)
+  FROM derive_tmp_states w
+ ORDER BY w.user_id
+ON CONFLICT (user_id) DO UPDATE
+   SET current_state = EXCLUDED.current_state,
+       state_updated_at = EXCLUDED.state_updated_at,
+       updated_at = EXCLUDED.updated_at,
+       engagement_score = EXCLUDED.engagement_score,
+       last_event_type = EXCLUDED.last_event_type,
+       last_activity_at = EXCLUDED.last_activity_at,
+       metadata = EXCLUDED.metadata || jsonb_build_object(
+         'rule_trigger', coalesce(EXCLUDED.metadata -> 'rule_trigger', s.metadata -> 'rule_trigger'),
+         'last_audit_id', coalesce(EXCLUDED.metadata -> 'last_audit_id', s.metadata -> 'last_audit_id'))
+ WHERE (s.current_state, s.engagement_score, s.last_event_type)
+       IS DISTINCT FROM (EXCLUDED.current_state, EXCLUDED.engagement_score, EXCLUDED.last_event_type)
+"""
+
+_STATE_COLUMNS = {
+    "user_id": pl.Binary(),
+    "current_state": pl.String(),
+    "state_updated_at": pl.Datetime("us", "UTC"),
+    "engagement_score": pl.Float64(),
+    "last_event_type": pl.String(),
+    "last_activity_at": pl.Datetime("us", "UTC"),
+    "last_rule_trigger": pl.String(),
+    "audit_steps": pl.Int32(),
+    "metrics": pl.String(),
+}
+_AUDIT_COLUMNS = {
+    "user_id": pl.Binary(),
+    "step": pl.Int32(),
+    "steps": pl.Int32(),
+    "prior_state": pl.String(),
+    "new_state": pl.String(),
+    "rule_trigger": pl.String(),
+}
+_REJECTION_COLUMNS = {"user_id": pl.Binary(), "reasons_key": pl.String(), "evidence": pl.String()}
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Rows the write transaction changed."""
+
+    states_written: int
+    audit_rows: int
+    validation_fail_rows: int
+
+
+def _stage(db: Db, name: str, frame: pl.DataFrame, columns: dict[str, pl.DataType]) -> None:
+    db.execute(f"DROP TABLE IF EXISTS {name}")
+    typed = frame.select([pl.col(c).cast(t) for c, t in columns.items()])
+    db.ingest(name, typed)
+
+
+def write_derivation(
+    db: Db,
+    *,
+    run_id: str,
+    as_of: datetime,
+    derived_by: str,
+    rules_version: str,
+    states: pl.DataFrame,
+    audit: pl.DataFrame,
+    rejections: pl.DataFrame,
+) -> WriteResult:
+    """Write states, audit rows and rejections in one transaction as ``service_role``.
+
+    The transaction commits only at the end: a crash at any point leaves the tables as they were.
+    """
+    with db.transaction(role="service_role"):
+        db.set_local(
+            run_id=run_id,
+            as_of=as_of.isoformat(),
+            derived_by=derived_by,
+            rules_version=rules_version,
+        )
+        _stage(db, "derive_tmp_audit", audit, _AUDIT_COLUMNS)
+        _stage(db, "derive_tmp_states", states, _STATE_COLUMNS)
+        _stage(db, "derive_tmp_rejections", rejections, _REJECTION_COLUMNS)
+        audit_rows = _count(db, _INSERT_AUDIT)
+        fail_rows = _count(db, _INSERT_REJECTIONS)
+        written = _count(db, _UPSERT_STATES)
+        for name in ("derive_tmp_audit", "derive_tmp_states", "derive_tmp_rejections"):
+            db.execute(f"DROP TABLE {name}")
+    return WriteResult(written, audit_rows, fail_rows)
+
+
+def _count(db: Db, sql: str) -> int:
+    """Run a data-changing statement and return its row count."""
+    return int(db.fetch_value(f"WITH changed AS ({sql} RETURNING 1) SELECT count(*) FROM changed"))
