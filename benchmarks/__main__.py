@@ -5,7 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.harness import SCALES
+SCALES = ("S", "M", "L")
+
+
+def _require_extras() -> None:
+    """Fail before any work when the bench extra is missing, saying how to install it."""
+    missing = []
+    for module in ("matplotlib", "psycopg"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SystemExit(
+            f"{' and '.join(missing)} not installed: the benchmark needs the bench extra;"
+            " run: pip install -e '.[bench]'"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--scale",
         nargs="+",
-        choices=sorted(SCALES),
+        choices=SCALES,
         default=["S"],
         help="one or more scales: S = 10k users, M = 100k, L = 1M (default: S)",
     )
@@ -54,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         sys.stderr.write("--repeat must be at least 1\n")
         return 2
-    from benchmarks import harness, report  # noqa: PLC0415 - matplotlib and psycopg load late
+    _require_extras()
+    from benchmarks import harness, report
 
-    report.require_matplotlib()
-    scales = sorted(dict.fromkeys(args.scale), key=list(SCALES).index)
+    scales = sorted(dict.fromkeys(args.scale), key=SCALES.index)
     try:
         results = harness.run(
             scales,

@@ -216,7 +216,7 @@ def load_dataset(
 ) -> dict[str, Any]:
     """Fill ``dsn`` with the project's generator: clean data, no near-duplicate bursts."""
     try:
-        from derive.jobs.demo import load_demo_data  # noqa: PLC0415 - may not be installed yet
+        from derive.jobs.demo import load_demo_data
     except ImportError as exc:
         raise BenchError(
             "the data generator derive.jobs.demo.load_demo_data is not available in this checkout"
@@ -317,7 +317,7 @@ def compare_states(
 def window_sql() -> str:
     """The job's window query (derive.io.read.EVENTS_WINDOW_SQL)."""
     try:
-        from derive.io.read import EVENTS_WINDOW_SQL  # noqa: PLC0415
+        from derive.io.read import EVENTS_WINDOW_SQL
     except ImportError as exc:
         raise BenchError(
             "derive.io.read.EVENTS_WINDOW_SQL is not available in this checkout"

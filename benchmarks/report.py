@@ -28,21 +28,6 @@ PLOTTED = ("a", "b", "c", "d")
 TARGETS = "targets at M: (c)/(b) <= 2, (d)/(b) <= 1.5, (a)/(c) >= 10, peak RSS <= 2 GiB"
 
 
-def require_matplotlib() -> None:
-    """Fail before any measurement when the plot cannot be drawn.
-
-    Raises:
-        SystemExit: naming the missing package and the command that installs it.
-    """
-    try:
-        import matplotlib  # noqa: F401, PLC0415 - optional extra
-    except ImportError:
-        raise SystemExit(
-            "matplotlib is not installed, so the benchmark plot cannot be drawn; "
-            "install the bench extra: pip install -e '.[bench]'"
-        ) from None
-
-
 @dataclass(frozen=True)
 class Environment:
     """Machine and versions the figures were measured with."""
@@ -347,6 +332,8 @@ comparable. Lookback {LOOKBACK_TEXT}.
 
 ## How to reproduce
 
+From the repository root:
+
 ```
 pip install -e '.[bench]'
 python -m benchmarks run --scale {scales}
@@ -361,10 +348,10 @@ the other jobs, `--baseline-cap SECONDS` caps the baseline loop (default 1800).
 
 def plot(results: list[ScaleResult], path: Path = PLOT) -> None:
     """Log-log plot of median time against users for (a)-(d)."""
-    import matplotlib  # noqa: PLC0415 - optional extra
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for case in PLOTTED:
