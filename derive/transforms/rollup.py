@@ -1,0 +1,335 @@
+"""Cross-surface rollup of surface metrics into metric aggregates (SPEC §3).
+
+Values travel as ``value_e4``: the numeric(18,4) value times 10^4 as an integer, so sums and
+comparisons are exact (PostgreSQL converts on read and write). The stages, composed by the job:
+
+1. :func:`latest_per_surface` - insert-only sources are deduplicated on read: the newest fetch of
+   each (user, surface, metric_kind, window) wins;
+2. :func:`aggregate_across_surfaces` - one aggregate per (user, metric_kind, window), aggregated
+   as the rules file says for the kind, with the per-surface breakdown and the currency rule;
+3. :func:`with_stale_after` - the refresh cadence by the age of the window;
+4. :func:`plan_rollup` - the diff against the stored aggregates that were due: what to write and
+   what only gets a new ``stale_after``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+
+from derive.metrics_rules import MetricsRules
+
+TS = pl.Datetime("us", "UTC")
+UUID = pl.Binary()
+
+#: One aggregate is identified by these columns (the table's unique key).
+KEY: list[str] = ["user_id", "metric_kind", "window_start", "window_end"]
+
+#: ``surface_metrics`` rows as read (candidates: no fresh aggregate covers their key).
+SOURCES = pl.Schema(
+    {
+        "id": UUID,
+        "user_id": UUID,
+        "org_id": UUID,
+        "surface": pl.String(),
+        "metric_kind": pl.String(),
+        "window_start": TS,
+        "window_end": TS,
+        "value_e4": pl.Int64(),
+        "currency": pl.String(),
+        "fetched_at": TS,
+        "created_at": TS,
+    }
+)
+
+#: Stored aggregates that are due (``stale_after <= as_of``).
+STORED = pl.Schema(
+    {
+        "user_id": UUID,
+        "org_id": UUID,
+        "metric_kind": pl.String(),
+        "window_start": TS,
+        "window_end": TS,
+        "value_e4": pl.Int64(),
+        "currency": pl.String(),
+        "surfaces_included": pl.List(pl.String()),
+    }
+)
+
+#: The stored ``surface_breakdown`` of those aggregates, one row per surface.
+STORED_PARTS = pl.Schema(
+    {
+        "user_id": UUID,
+        "metric_kind": pl.String(),
+        "window_start": TS,
+        "window_end": TS,
+        "surface": pl.String(),
+        "value_e4": pl.Int64(),
+    }
+)
+
+#: Computed aggregates. ``status`` is ``ok`` or why the key cannot be aggregated.
+AGGREGATES = pl.Schema(
+    {
+        "user_id": UUID,
+        "org_id": UUID,
+        "metric_kind": pl.String(),
+        "window_start": TS,
+        "window_end": TS,
+        "value_e4": pl.Int64(),
+        "currency": pl.String(),
+        "currencies": pl.List(pl.String()),
+        "surfaces_included": pl.List(pl.String()),
+        "status": pl.String(),
+    }
+)
+
+#: One row per (aggregate, surface) of the breakdown.
+PARTS = STORED_PARTS
+
+#: What the write does per key: ``write`` (insert or recompute) or ``touch`` (new stale_after only).
+PLAN = pl.Schema(
+    {
+        "user_id": UUID,
+        "org_id": UUID,
+        "metric_kind": pl.String(),
+        "window_start": TS,
+        "window_end": TS,
+        "value_e4": pl.Int64(),
+        "currency": pl.String(),
+        "action": pl.String(),
+        "outcome": pl.String(),
+        "final": pl.Boolean(),
+        "stale_after": TS,
+        "computed_at": TS,
+    }
+)
+
+#: Why a key is not aggregated (``status`` values other than ``ok``).
+SKIP_STATUSES: tuple[str, ...] = ("mixed_currency", "no_numeric_value", "out_of_range", "no_rule")
+
+#: Plan outcomes: inserted (missing aggregate), recomputed (sources advanced), refreshed (stale,
+#: unchanged: only stale_after moves).
+OUTCOMES: tuple[str, ...] = ("inserted", "recomputed", "refreshed")
+
+# numeric(18,4) holds |value| < 10^14, i.e. |value_e4| < 10^18.
+_MAX_E4 = 10**18
+
+
+def latest_per_surface(sources: pl.LazyFrame, /) -> pl.LazyFrame:
+    """Keep the newest fetch of each (user, surface, metric_kind, window).
+
+    Ties on ``fetched_at`` go to the later ``created_at``, then the larger id, so the choice does
+    not depend on input order.
+    """
+    order = ["fetched_at", "created_at", "id"]
+    return sources.sort(order, descending=True, nulls_last=True).unique(
+        subset=[*KEY, "surface"], keep="first", maintain_order=False
+    )
+
+
+def _rules_frame(rules: MetricsRules) -> pl.LazyFrame:
+    return pl.LazyFrame(
+        {
+            "metric_kind": [k.name for k in rules.kinds],
+            "aggregate": [k.aggregate for k in rules.kinds],
+            "monetary": [k.monetary for k in rules.kinds],
+        },
+        schema={"metric_kind": pl.String(), "aggregate": pl.String(), "monetary": pl.Boolean},
+    )
+
+
+def aggregate_across_surfaces(
+    latest: pl.LazyFrame, /, *, rules: MetricsRules
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Aggregate the latest per-surface values into one row per (user, metric_kind, window).
+
+    The kind's ``aggregate`` in the rules picks the statistic: ``sum`` (additive counts and
+    amounts), ``mean`` (rates, rounded half away from zero to 4 decimals), ``min`` / ``max``
+    (ranks: best position). Monetary kinds are aggregated only when every contributing surface
+    reports the same currency; otherwise the key gets ``status = mixed_currency`` and no value.
+    Rows without ``value_numeric`` (text-only ranks such as "Boosted") do not contribute; a key
+    with only such rows gets ``no_numeric_value``.
+
+    Returns:
+        ``(aggregates, parts)`` shaped as :data:`AGGREGATES` and :data:`PARTS`; parts only for
+        keys with ``status = ok``.
+    """
+    numeric = latest.filter(pl.col("value_e4").is_not_null()).join(
+        _rules_frame(rules), on="metric_kind", how="left"
+    )
+    value = pl.col("value_e4").cast(pl.Int128)
+    stats = numeric.group_by(KEY).agg(
+        org_id=pl.col("org_id").sort_by("fetched_at", descending=True).drop_nulls().first(),
+        aggregate=pl.col("aggregate").first(),
+        monetary=pl.col("monetary").first(),
+        sum=value.sum(),
+        mean=value.mean().round(0, mode="half_away_from_zero").cast(pl.Int128),
+        min=value.min(),
+        max=value.max(),
+        currencies=pl.col("currency").unique().sort(nulls_last=True),
+        surfaces_included=pl.col("surface").sort(),
+    )
+    chosen = (
+        pl.when(pl.col("aggregate") == "sum")
+        .then("sum")
+        .when(pl.col("aggregate") == "mean")
+        .then("mean")
+        .when(pl.col("aggregate") == "min")
+        .then("min")
+        .when(pl.col("aggregate") == "max")
+        .then("max")
+    )
+    mixed = pl.col("monetary") & (pl.col("currencies").list.len() > 1)
+    status = (
+        pl.when(pl.col("aggregate").is_null())
+        .then(pl.lit("no_rule"))
+        .when(mixed)
+        .then(pl.lit("mixed_currency"))
+        .when(chosen.abs() >= _MAX_E4)
+        .then(pl.lit("out_of_range"))
+        .otherwise(pl.lit("ok"))
+    )
+    computed = stats.with_columns(status=status).select(
+        "user_id",
+        "org_id",
+        "metric_kind",
+        "window_start",
+        "window_end",
+        value_e4=pl.when(pl.col("status") == "ok").then(chosen).cast(pl.Int64),
+        currency=pl.when(pl.col("monetary") & (pl.col("status") == "ok")).then(
+            pl.col("currencies").list.first()
+        ),
+        currencies="currencies",
+        surfaces_included="surfaces_included",
+        status="status",
+    )
+    text_only = (
+        latest.group_by(KEY)
+        .agg(
+            org_id=pl.col("org_id").sort_by("fetched_at", descending=True).drop_nulls().first(),
+            surfaces_included=pl.col("surface").sort(),
+        )
+        .join(computed, on=KEY, how="anti")
+        .select(
+            "user_id",
+            "org_id",
+            "metric_kind",
+            "window_start",
+            "window_end",
+            value_e4=pl.lit(None, pl.Int64()),
+            currency=pl.lit(None, pl.String()),
+            currencies=pl.lit([], pl.List(pl.String())),
+            surfaces_included="surfaces_included",
+            status=pl.lit("no_numeric_value"),
+        )
+    )
+    aggregates = pl.concat([computed, text_only]).cast(AGGREGATES)
+    parts = numeric.join(
+        computed.filter(pl.col("status") == "ok").select(KEY), on=KEY, how="semi"
+    ).select(*KEY, "surface", "value_e4")
+    return aggregates, parts.cast(PARTS)
+
+
+def stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules) -> pl.Expr:
+    """``as_of`` + the refresh interval of the youngest cadence band the window's age fits in.
+
+    The age is ``as_of - window_end``; a band holds ages up to and including its ``max_age`` (a
+    window still open has a negative age: youngest band). Null means final ('infinity'): the
+    window ended longer ago than the last band.
+    """
+    age = pl.lit(as_of, TS) - window_end
+    expr: pl.Expr = pl.lit(None, TS)
+    for band in reversed(rules.cadence):
+        expr = (
+            pl.when(age <= pl.lit(band.max_age))
+            .then(pl.lit(as_of + band.refresh_every, TS))
+            .otherwise(expr)
+        )
+    return expr
+
+
+def plan_rollup(
+    aggregates: pl.LazyFrame,
+    parts: pl.LazyFrame,
+    stored: pl.LazyFrame,
+    stored_parts: pl.LazyFrame,
+    /,
+    *,
+    as_of: datetime,
+    rules: MetricsRules,
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Diff the computed aggregates against the stored aggregates that are due.
+
+    ``aggregates`` covers only keys without a fresh aggregate (missing or due), ``stored`` only
+    due aggregates. A key with no stored row is ``inserted``; a due key whose content (value,
+    currency, org, surfaces, breakdown) differs is ``recomputed``; a due key whose content is
+    unchanged, cannot be aggregated (mixed currencies ...) or lost its sources is ``refreshed``:
+    only its ``stale_after`` moves. Aggregates that are not due are not in the inputs and are
+    never touched.
+
+    Returns:
+        ``(plan, write_parts)``: :data:`PLAN` rows and the breakdown of the ``write`` rows.
+    """
+    new_cols = ["org_id", "value_e4", "currency", "surfaces_included"]
+    joined = aggregates.join(
+        stored.with_columns(stored=pl.lit(True)).rename({c: f"{c}_old" for c in new_cols}),
+        on=KEY,
+        how="full",
+        coalesce=True,
+    ).with_columns(pl.col("stored").fill_null(False))
+    part_changed = (
+        parts.join(stored_parts, on=[*KEY, "surface"], how="full", coalesce=True, suffix="_old")
+        .filter(pl.col("value_e4").ne_missing(pl.col("value_e4_old")))
+        .select(KEY)
+        .unique()
+        .with_columns(part_changed=pl.lit(True))
+    )
+    header_changed = pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_old")) for c in new_cols])
+    ok = pl.col("status") == "ok"
+    outcome = (
+        pl.when(ok & ~pl.col("stored"))
+        .then(pl.lit("inserted"))
+        .when(ok & (header_changed | pl.col("part_changed")))
+        .then(pl.lit("recomputed"))
+        .when(pl.col("stored"))
+        .then(pl.lit("refreshed"))
+    )
+    due = stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
+    plan = (
+        joined.join(part_changed, on=KEY, how="left")
+        .with_columns(pl.col("part_changed").fill_null(False))
+        .with_columns(outcome=outcome)
+        .filter(pl.col("outcome").is_not_null())
+        .with_columns(
+            action=pl.when(pl.col("outcome") == "refreshed")
+            .then(pl.lit("touch"))
+            .otherwise(pl.lit("write")),
+            stale_after=due,
+        )
+        .select(
+            *KEY[:1],
+            "org_id",
+            *KEY[1:],
+            "value_e4",
+            "currency",
+            "action",
+            "outcome",
+            final=pl.col("stale_after").is_null(),
+            stale_after="stale_after",
+            computed_at=pl.lit(as_of, TS),
+        )
+        .cast(PLAN)
+    )
+    write_parts = parts.join(
+        plan.filter(pl.col("action") == "write").select(KEY), on=KEY, how="semi"
+    )
+    return plan, write_parts
+
+
+def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:
+    """The keys that could not be aggregated, with their status and currencies (for the report)."""
+    return aggregates.filter(pl.col("status") != "ok").select(
+        *KEY, "status", "currencies", "surfaces_included"
+    )
