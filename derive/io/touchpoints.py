@@ -1,0 +1,287 @@
+"""SQL of the touchpoint ingest and of the attribution job.
+
+The identifier hash is computed by PostgreSQL at insert time,
+``sha256(convert_to(lower(surface || ':' || raw_identifier), 'UTF8') || users.attribution_salt)``,
+so it is byte-for-byte what any SQL-side lookup computes (Python's ``str.lower`` and PostgreSQL's
+``lower`` differ on some characters). Raw identifiers only ever sit in a temporary table of the
+ingest transaction.
+
+``prospect_touchpoints``' unique (surface, external_id) constraint is deferrable, and PostgreSQL
+refuses deferrable constraints as ON CONFLICT arbiters: the ingest skips stored events with
+NOT EXISTS instead, under the job's advisory lock, with the constraint as the backstop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from derive.errors import ContractError, UsageError
+from derive.io.connect import Db
+from derive.transforms.attribution import CONVERSION_KINDS, NO_CREDIT_KINDS, TOUCHPOINTS, VALUE
+from derive.transforms.touchpoints import LINES
+
+# Same grammar as the ingest check: a JSON number or numeric text PostgreSQL's numeric accepts.
+_NUMBER = r"^\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _kinds(kinds: Sequence[str]) -> str:
+    """A SQL list of our own enum constants (fixed in code, never user input)."""
+    return ", ".join(f"'{k}'" for k in kinds)
+
+
+def read_lines(path: Path) -> pl.DataFrame:
+    """The lines of a JSON-lines file, numbered from 1.
+
+    Raises:
+        UsageError: the file cannot be read.
+        ContractError: the file is not UTF-8 text.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ContractError(
+            f"{path} is not UTF-8 text (byte {exc.start}); touchpoints are JSON lines"
+        ) from None
+    lines = text.splitlines()
+    return pl.DataFrame(
+        {"line_no": pl.int_range(1, len(lines) + 1, eager=True), "line": lines}, schema=LINES
+    )
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """What an ingest did with its valid lines."""
+
+    inserted: int
+    duplicates_in_file: int
+    already_stored: int
+    salts_created: int
+    rejected: pl.DataFrame  # line_no, reason (rows the database side refused)
+
+
+_INGEST_COLUMNS = pl.Schema(
+    {
+        "line_no": pl.Int64(),
+        "user_id": pl.String(),
+        "org_id": pl.String(),
+        "prospect_id": pl.String(),
+        "surface": pl.String(),
+        "touchpoint": pl.String(),
+        "external_id": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "identifier": pl.String(),
+        "ingestion_source": pl.String(),
+        "line": pl.String(),
+    }
+)
+
+
+def insert_touchpoints(db: Db, valid: pl.DataFrame) -> InsertResult:
+    """Insert validated touchpoints that are not stored yet; call inside a transaction.
+
+    Lines whose user, org or prospect does not exist (or whose prospect belongs to another user)
+    are refused with a reason. Users that get their first identifier hash get a fresh random
+    32-byte ``attribution_salt``.
+    """
+    db.execute("DROP TABLE IF EXISTS pg_temp.derive_touchpoints_in")
+    db.ingest("derive_touchpoints_in", valid.select(_INGEST_COLUMNS.names()).cast(_INGEST_COLUMNS))
+    db.execute(
+        "CREATE TEMP TABLE derive_touchpoints_checked ON COMMIT DROP AS"
+        " SELECT t.*, CASE"
+        "   WHEN u.id IS NULL THEN 'unknown_user'"
+        "   WHEN t.org_id IS NOT NULL AND o.id IS NULL THEN 'unknown_org'"
+        "   WHEN t.prospect_id IS NOT NULL AND p.id IS NULL THEN 'unknown_prospect'"
+        " END AS reason"
+        " FROM derive_touchpoints_in t"
+        " LEFT JOIN users u ON u.id = t.user_id::uuid"
+        " LEFT JOIN orgs o ON o.id = t.org_id::uuid"
+        " LEFT JOIN prospects p ON p.id = t.prospect_id::uuid AND p.user_id = t.user_id::uuid"
+    )
+    db.execute("DROP TABLE derive_touchpoints_in")
+    rejected = db.fetch_df(
+        "SELECT line_no, reason FROM derive_touchpoints_checked"
+        " WHERE reason IS NOT NULL ORDER BY line_no"
+    )
+    # 32 random bytes from two v4 uuids: pg_strong_random underneath, and no pgcrypto needed.
+    salts = db.fetch_value(
+        "WITH s AS (UPDATE users SET attribution_salt ="
+        "   uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())"
+        " WHERE attribution_salt IS NULL AND id IN (SELECT user_id::uuid"
+        "   FROM derive_touchpoints_checked WHERE reason IS NULL AND identifier IS NOT NULL)"
+        " RETURNING 1) SELECT count(*) FROM s"
+    )
+    counts = db.fetch_all(
+        "SELECT count(*), count(DISTINCT (surface, external_id))"
+        " FROM derive_touchpoints_checked WHERE reason IS NULL"
+    )[0]
+    inserted = db.fetch_value(
+        "WITH fresh AS ("
+        "  SELECT DISTINCT ON (surface, external_id) * FROM derive_touchpoints_checked"
+        "  WHERE reason IS NULL ORDER BY surface, external_id, line_no),"
+        " ins AS ("
+        "  INSERT INTO prospect_touchpoints (user_id, org_id, prospect_id, surface, touchpoint,"
+        "    external_id, identifier_hash, occurred_at, payload_jsonb, ingestion_source)"
+        "  SELECT f.user_id::uuid, f.org_id::uuid, f.prospect_id::uuid, f.surface,"
+        "    f.touchpoint::touchpoint_kind, f.external_id,"
+        "    CASE WHEN f.identifier IS NOT NULL THEN sha256(convert_to("
+        "      lower(f.surface || ':' || f.identifier), 'UTF8') || u.attribution_salt) END,"
+        "    f.occurred_at, nullif(f.line::jsonb -> 'payload', 'null'::jsonb), f.ingestion_source"
+        "  FROM fresh f JOIN users u ON u.id = f.user_id::uuid"
+        "  WHERE NOT EXISTS (SELECT 1 FROM prospect_touchpoints p"
+        "                    WHERE p.surface = f.surface AND p.external_id = f.external_id)"
+        "  RETURNING 1)"
+        " SELECT count(*) FROM ins"
+    )
+    db.execute("DROP TABLE derive_touchpoints_checked")
+    valid_rows, distinct_keys = int(counts[0]), int(counts[1])
+    return InsertResult(
+        inserted=int(inserted),
+        duplicates_in_file=valid_rows - distinct_keys,
+        already_stored=distinct_keys - int(inserted),
+        salts_created=int(salts),
+        rejected=rejected.cast({"line_no": pl.Int64, "reason": pl.String}),
+    )
+
+
+def _bounds(db: Db, *, since: datetime | None, as_of: datetime, window: timedelta) -> None:
+    """Bind the read window as transaction-local settings (keeps ADBC's COPY read path)."""
+    touch_from = "-infinity" if since is None else (since - window).isoformat()
+    db.set_local(touch_from=touch_from, as_of=as_of.isoformat())
+
+
+def read_attribution_touchpoints(
+    db: Db, *, since: datetime | None, as_of: datetime, window: timedelta
+) -> pl.DataFrame:
+    """Every per-prospect touchpoint that can be a conversion or a credited touch, one query.
+
+    ``occurred_at`` in ``[since - window, as_of]`` (all history up to ``as_of`` without
+    ``since``); anonymous rows and never-credited kinds stay in the database. A conversion's
+    ``amount`` comes as numeric text rounded to 9 places (null when absent or not a number);
+    ``bad_amount`` flags an amount that is present but not a number.
+    """
+    _bounds(db, since=since, as_of=as_of, window=window)
+    frame = db.fetch_df(
+        "SELECT t.id, t.user_id, t.org_id, t.prospect_id, t.surface, t.touchpoint::text"
+        "   AS touchpoint, t.occurred_at,"
+        f"  CASE WHEN t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        f"        AND t.payload_jsonb ->> 'amount' ~ '{_NUMBER}'"
+        "    THEN round((t.payload_jsonb ->> 'amount')::numeric, 9)::text END AS amount,"
+        f"  CASE WHEN t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        "    THEN t.payload_jsonb ->> 'currency' END AS currency,"
+        f"  coalesce(t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        "    AND t.payload_jsonb ? 'amount' AND jsonb_typeof(t.payload_jsonb -> 'amount') <> 'null'"
+        f"    AND NOT (t.payload_jsonb ->> 'amount' ~ '{_NUMBER}'), false) AS bad_amount"
+        " FROM prospect_touchpoints t"
+        " WHERE t.prospect_id IS NOT NULL"
+        f"  AND t.touchpoint NOT IN ({_kinds(NO_CREDIT_KINDS)})"
+        "   AND t.occurred_at >= current_setting('derive.touch_from')::timestamptz"
+        "   AND t.occurred_at <= current_setting('derive.as_of')::timestamptz"
+    )
+    return frame.cast(pl.Schema({**dict(TOUCHPOINTS), "bad_amount": pl.Boolean()}))
+
+
+def anonymous_counts(
+    db: Db, *, since: datetime | None, as_of: datetime, window: timedelta
+) -> pl.DataFrame:
+    """Anonymous touchpoints of the read window per surface: aggregate counts, never rows."""
+    _bounds(db, since=since, as_of=as_of, window=window)
+    frame = db.fetch_df(
+        "SELECT surface, count(*) AS touchpoints,"
+        f"  count(*) FILTER (WHERE touchpoint IN ({_kinds(CONVERSION_KINDS)})) AS conversions"
+        " FROM prospect_touchpoints"
+        " WHERE prospect_id IS NULL"
+        "   AND occurred_at >= current_setting('derive.touch_from')::timestamptz"
+        "   AND occurred_at <= current_setting('derive.as_of')::timestamptz"
+        " GROUP BY surface ORDER BY surface"
+    )
+    return frame.cast({"surface": pl.String, "touchpoints": pl.Int64, "conversions": pl.Int64})
+
+
+_CREDIT_COLUMNS = pl.Schema(
+    {
+        "conversion_id": pl.Binary(),
+        "touchpoint_id": pl.Binary(),
+        "user_id": pl.Binary(),
+        "org_id": pl.Binary(),
+        "prospect_id": pl.Binary(),
+        "surface": pl.String(),
+        "model": pl.String(),
+        "weight": pl.Float64(),
+        "attributed_value": VALUE,
+        "currency": pl.String(),
+    }
+)
+
+
+def write_credits(
+    db: Db,
+    credits: pl.DataFrame,
+    *,
+    models: Sequence[str],
+    run_id: str,
+    window_days: float,
+    half_life_days: float,
+) -> dict[str, int]:
+    """Replace the credits of the conversions in ``credits`` for ``models``; inside a transaction.
+
+    Rows that did not change are left alone (a re-run writes nothing); rows of those conversions
+    and models that are no longer credited are deleted. Returns inserted/updated/deleted counts.
+    """
+    db.execute("DROP TABLE IF EXISTS pg_temp.derive_credits_in")
+    db.ingest("derive_credits_in", credits.select(_CREDIT_COLUMNS.names()).cast(_CREDIT_COLUMNS))
+    db.execute(
+        "CREATE TEMP TABLE derive_credits ON COMMIT DROP AS SELECT"
+        " encode(conversion_id, 'hex')::uuid AS conversion_id,"
+        " encode(touchpoint_id, 'hex')::uuid AS touchpoint_id,"
+        " encode(user_id, 'hex')::uuid AS user_id, encode(org_id, 'hex')::uuid AS org_id,"
+        " encode(prospect_id, 'hex')::uuid AS prospect_id,"
+        " surface, model, weight, attributed_value, currency FROM derive_credits_in"
+    )
+    db.execute("DROP TABLE derive_credits_in")
+    db.execute("ANALYZE derive_credits")
+    deleted = db.fetch_value(
+        "WITH d AS (DELETE FROM attribution_credits a"
+        " USING (SELECT DISTINCT conversion_id FROM derive_credits) c"
+        " WHERE a.conversion_id = c.conversion_id"
+        "   AND a.model = ANY(string_to_array($1, ','))"
+        "   AND NOT EXISTS (SELECT 1 FROM derive_credits n"
+        "     WHERE n.conversion_id = a.conversion_id AND n.model = a.model"
+        f"      AND coalesce(n.touchpoint_id, '{_NIL_UUID}') = coalesce(a.touchpoint_id,"
+        f"          '{_NIL_UUID}'))"
+        " RETURNING 1) SELECT count(*) FROM d",
+        (",".join(models),),
+    )
+    written = db.fetch_all(
+        "WITH w AS (INSERT INTO attribution_credits AS a (conversion_id, touchpoint_id, user_id,"
+        "   org_id, prospect_id, surface, model, weight, attributed_value, currency, window_days,"
+        "   half_life_days, run_id, computed_at)"
+        " SELECT conversion_id, touchpoint_id, user_id, org_id, prospect_id, surface, model,"
+        "   weight, attributed_value, currency, $1::float8,"
+        "   CASE WHEN model = 'time_decay' THEN $2::float8 END, $3::uuid, now()"
+        " FROM derive_credits"
+        " ON CONFLICT (conversion_id, model, touchpoint_id) DO UPDATE SET"
+        "   user_id = excluded.user_id, org_id = excluded.org_id,"
+        "   prospect_id = excluded.prospect_id, surface = excluded.surface,"
+        "   weight = excluded.weight, attributed_value = excluded.attributed_value,"
+        "   currency = excluded.currency, window_days = excluded.window_days,"
+        "   half_life_days = excluded.half_life_days, run_id = excluded.run_id,"
+        "   computed_at = excluded.computed_at"
+        " WHERE (a.user_id, a.org_id, a.prospect_id, a.surface, a.weight, a.attributed_value,"
+        "        a.currency, a.window_days, a.half_life_days)"
+        "   IS DISTINCT FROM (excluded.user_id, excluded.org_id, excluded.prospect_id,"
+        "        excluded.surface, excluded.weight, excluded.attributed_value,"
+        "        excluded.currency, excluded.window_days, excluded.half_life_days)"
+        " RETURNING (xmax = 0) AS inserted)"
+        " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM w",
+        (window_days, half_life_days, run_id),
+    )[0]
+    db.execute("DROP TABLE derive_credits")
+    return {"inserted": int(written[0]), "updated": int(written[1]), "deleted": int(deleted)}

@@ -1,0 +1,129 @@
+"""``derive attribution``: credit every conversion's value to the surfaces of its prior touches.
+
+one bulk read (per-prospect touchpoints of the window, plus aggregate anonymous counts) -> pure
+Polars models for all conversions at once (``derive.transforms.attribution``) -> one transaction
+that replaces the credits of exactly those conversions and models, writing only what changed.
+The run holds the job's advisory lock and is logged in ``derivation_runs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import polars as pl
+
+from derive.config import format_duration, utc_now
+from derive.io.connect import Db
+from derive.io.runlog import job_run
+from derive.io.touchpoints import anonymous_counts, read_attribution_touchpoints, write_credits
+from derive.transforms.attribution import attribute, surface_summary
+
+JOB = "attribution"
+_DAY = 86400.0
+
+
+@dataclass
+class AttributionReport:
+    """What a run read, computed and wrote, with the per-surface totals."""
+
+    run_id: str
+    models: tuple[str, ...]
+    window: timedelta
+    half_life: timedelta
+    since: datetime | None
+    as_of: datetime
+    surfaces: pl.DataFrame  # derive.transforms.attribution.SURFACE_SUMMARY
+    anonymous: pl.DataFrame  # surface, touchpoints, conversions
+    counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (values as decimal strings, so no precision is lost)."""
+        return {
+            "run_id": self.run_id,
+            "models": list(self.models),
+            "window": format_duration(self.window),
+            "half_life": format_duration(self.half_life),
+            "since": self.since,
+            "as_of": self.as_of,
+            "counts": self.counts,
+            "timings": self.timings,
+            "surfaces": self.surfaces.with_columns(
+                pl.col("attributed_value").cast(pl.String)
+            ).to_dicts(),
+            "anonymous": self.anonymous.to_dicts(),
+        }
+
+
+def run_attribution(
+    db: Db,
+    *,
+    models: Sequence[str],
+    window: timedelta,
+    half_life: timedelta,
+    since: datetime | None = None,
+    as_of: datetime | None = None,
+) -> AttributionReport:
+    """Compute and store the credits of every conversion in ``[since, as_of]`` under ``models``.
+
+    Re-running over the same data replaces those conversions' credits for those models and
+    writes nothing when nothing changed.
+
+    Raises:
+        LockBusy: another attribution run holds the lock.
+        SourceError: the database refused the read or the write (nothing is kept).
+    """
+    as_of = as_of or utc_now()
+    args = {
+        "models": list(models),
+        "window": format_duration(window),
+        "half_life": format_duration(half_life),
+        "since": since,
+    }
+    with job_run(db, job=JOB, as_of=as_of, lookback=window, args=args) as run:
+        with run.phase("read"), db.transaction(role="service_role"):
+            touchpoints = read_attribution_touchpoints(db, since=since, as_of=as_of, window=window)
+            anonymous = anonymous_counts(db, since=since, as_of=as_of, window=window)
+        with run.phase("compute"):
+            credits = attribute(
+                touchpoints.lazy().drop("bad_amount"),
+                models=models,
+                window=window,
+                half_life=half_life,
+                since=since,
+                as_of=as_of,
+            ).collect()
+            surfaces = surface_summary(credits.lazy()).collect()
+        with run.phase("write"), db.transaction(role="service_role"):
+            written = write_credits(
+                db,
+                credits,
+                models=models,
+                run_id=run.run_id,
+                window_days=window.total_seconds() / _DAY,
+                half_life_days=half_life.total_seconds() / _DAY,
+            )
+        run.counts = {
+            "touchpoints_read": touchpoints.height,
+            "conversions": credits["conversion_id"].n_unique(),
+            "conversions_bad_amount": int(touchpoints["bad_amount"].sum()),
+            "credits": credits.height,
+            **{f"credits_{k}": v for k, v in written.items()},
+            "anonymous_touchpoints": int(anonymous["touchpoints"].sum()),
+        }
+        report = AttributionReport(
+            run_id=run.run_id,
+            models=tuple(models),
+            window=window,
+            half_life=half_life,
+            since=since,
+            as_of=as_of,
+            surfaces=surfaces,
+            anonymous=anonymous,
+            counts=dict(run.counts),
+        )
+        report.timings = run.timings
+    return report
