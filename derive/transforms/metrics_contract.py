@@ -339,7 +339,7 @@ def validate_metric_rows(
     kind_ok = (_typ("metric_kind") == "string") & pl.col("metric_kind").is_in(list(kinds))
     text_value = pl.col("value_text").str.strip_chars()
     has_number = _typ("value_numeric") == "number"
-    has_text = (_typ("value_text") == "string") & (text_value.str.len_chars() > 0)
+    blank_text = (_typ("value_text") == "string") & (text_value.str.len_chars() == 0)
     obj = pl.col("is_object")
 
     # (reason, applies, message); every condition is false (not null) when it does not apply.
@@ -385,7 +385,7 @@ def validate_metric_rows(
         ),
         (
             "no_value",
-            obj & ~_given("value_numeric") & ~has_text,
+            obj & ~_given("value_numeric") & (~_given("value_text") | blank_text),
             pl.lit("neither value_numeric nor a non-empty value_text is given"),
         ),
         (
