@@ -138,6 +138,22 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@db_app.command("adopt")
+def db_adopt(dsn: DsnOpt = None) -> None:
+    """Give states written by another system an audit trail (one state_adopted row each).
+
+    Without it, the state_jump fail-safe rejects every user whose stored state has no audit row.
+    Safe to repeat: states that already have a consistent trail are left alone.
+    """
+    from derive.config import utc_now
+    from derive.io.database import open_db
+    from derive.jobs.adopt import adopt
+
+    with open_db(dsn) as db:
+        adopted = adopt(db, as_of=utc_now())
+    out.print(f"adopted {adopted} state(s)")
+
+
 @db_app.command("stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server (it is started again on demand)."""
@@ -428,6 +444,154 @@ def attribution_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
     if c["conversions_bad_amount"]:
         out.print(f"{c['conversions_bad_amount']} conversions have a non-numeric amount (value 0)")
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+    out.print(f"timings: {timings}")
+
+
+# -- surface metrics ------------------------------------------------------------------------------------
+
+MetricsRulesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--rules",
+        help="Surface-metric rules (TOML): kinds, aggregation, monetary kinds, cadence; "
+        "default: the packaged derive/rules/metrics.toml.",
+    ),
+]
+
+
+@ingest_app.command("metrics")
+def ingest_metrics_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="FetchMetricsOutput as one JSON object or JSON lines of them; - for stdin.",
+            metavar="FILE",
+        ),
+    ],
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Owner of the rows (needed unless each object has user_id).",
+                     metavar="UUID"),
+    ] = None,
+    org: Annotated[
+        str | None, typer.Option("--org", help="Org of the rows (optional).", metavar="UUID")
+    ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source", help="How the adapter got the numbers: native_scrape, native_api or manual."
+        ),
+    ] = "native_scrape",
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="Exit 0 even when some rows were rejected.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Insert nothing when any row is rejected.")
+    ] = False,
+    rules: MetricsRulesOpt = None,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate an adapter's metric rows and append the valid ones to surface_metrics.
+
+    Each object is {surface, rows: [{metric_kind, window_start, window_end, value_numeric |
+    value_text, currency, payload_jsonb}], next_poll_after_ms, health_note} and may carry user_id
+    and org_id. A row is rejected, with its object and row number and every reason, when its
+    metric_kind is unknown, a window bound is not ISO-8601, window_end <= window_start, it has
+    no value, a field has the wrong JSON type, or a monetary kind lacks an ISO-4217 currency.
+    Rows are insert-only (stamped fetched_at = now; the rollup reads the newest fetch). The
+    users row (and orgs row) the rows belong to is created when missing. Every object is recorded
+    as an ingestion session with its steps, its health_note verbatim and next_poll_after; an
+    empty rows list (e.g. "Basic tier - analytics require Standard+") is a valid session.
+    Exit codes: 0 all rows stored (or --allow-partial), 1 rows rejected or a bad file, 2 usage.
+    """
+    from derive.io.database import open_db
+    from derive.jobs.ingest_metrics import ingest_metrics
+    from derive.metrics_rules import load_metrics_rules
+
+    if strict and allow_partial:
+        raise UsageError("--strict and --allow-partial contradict each other: pick one")
+    metrics_rules = load_metrics_rules(rules)
+    with open_db(dsn) as db:
+        result = ingest_metrics(
+            db, file, rules=metrics_rules, user_id=user, org_id=org, source=source,
+            strict=strict,
+        )
+    if as_json:
+        print_json({
+            "inserted": result.inserted,
+            "rejected": result.rows_rejected,
+            "strict_rejected": result.strict_rejected,
+            "sessions": result.sessions.to_dicts(),
+            "rejected_rows": result.rejected.to_dicts(),
+        })
+    else:
+        out.print(table(
+            f"ingested {file}",
+            ["surface", "status", "rows", "inserted", "rejected", "next poll after", "health note"],
+            [[s["surface"], s["status"], s["rows_received"], s["rows_inserted"],
+              s["rows_rejected"], s["next_poll_after"], s["health_note"]]
+             for s in result.sessions.iter_rows(named=True)],
+        ))
+        for obj, row, _reasons, detail in result.rejected.head(50).iter_rows():
+            out.print(f"object {obj} row {row}: {detail}", markup=False)
+        if result.rows_rejected > 50:
+            out.print(f"... {result.rows_rejected - 50} more rejected rows (--json lists them all)")
+        if result.strict_rejected:
+            out.print("--strict: nothing was inserted because rows were rejected")
+    if result.rows_rejected and not allow_partial:
+        raise typer.Exit(1)
+
+
+@app.command("rollup")
+def rollup_cmd(
+    as_of: AsOfOpt = None,
+    rules: MetricsRulesOpt = None,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Roll surface_metrics up into cross-surface metric_aggregates.
+
+    Per (user, metric_kind, window) the newest fetch of each surface counts; kinds aggregate as
+    the rules say (sums, mean of rates, best rank), with surfaces_included and surface_breakdown.
+    Monetary kinds are summed only within one currency; mixed currencies are reported and not
+    aggregated. Missing aggregates are created; due ones (stale_after <= --as-of) are recomputed
+    when their sources changed, otherwise only their stale_after moves (+15m for windows that
+    ended within 24h, +1h within 7d, +1d within 90d, 'infinity' beyond). Aggregates not yet due
+    are not touched. Logged in derivation_runs. Exit codes: 0 done, 1 failed, 2 usage error,
+    75 skipped (another rollup holds the lock).
+    """
+    from derive.config import utc_now
+    from derive.io.database import open_db
+    from derive.jobs.rollup import run_rollup
+    from derive.metrics_rules import load_metrics_rules
+
+    metrics_rules = load_metrics_rules(rules)
+    when = _timestamp(as_of) or utc_now()
+    with open_db(dsn) as db:
+        result = run_rollup(db, as_of=when, rules=metrics_rules)
+    if as_json:
+        print_json({
+            "run_id": result.run_id, "as_of": result.as_of, "rules_version": result.rules_version,
+            "counts": result.counts, "timings": result.timings, "not_aggregated": result.skipped,
+        })
+        return
+    out.print(
+        f"[bold]rollup run {result.run_id}[/]  as_of {result.as_of.isoformat()}  "
+        f"rules {result.rules_version}"
+    )
+    out.print(table("aggregates", ["", "count"], [[k, v] for k, v in result.counts.items()]))
+    for item in result.skipped[:20]:
+        currencies = ", ".join(c or "none" for c in item["currencies"])
+        out.print(
+            f"not aggregated ({item['status']}): user {item['user_id']} {item['metric_kind']} "
+            f"{item['window_start']} .. {item['window_end']}"
+            + (f" currencies {currencies}" if item["status"] == "mixed_currency" else ""),
+            markup=False,
+        )
+    if len(result.skipped) > 20:
+        out.print(f"... {len(result.skipped) - 20} more (--json lists them all)")
+    timings = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     out.print(f"timings: {timings}")
 
 

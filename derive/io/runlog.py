@@ -84,16 +84,19 @@ def job_run(
     rules_version: str | None = None,
     args: dict[str, Any] | None = None,
     record: bool = True,
+    lock: str | None = None,
 ) -> Iterator[Run]:
     """Hold the job's lock and log the run in ``derivation_runs`` around the block.
 
     Args:
         record: ``False`` for dry runs: take the lock but write no run row.
+        lock: name of the lock to hold (default: the job's own); jobs that write the same table
+            share one.
 
     Raises:
         LockBusy: another session holds the job's lock (a ``skipped`` row is recorded).
     """
-    key = lock_key(job)
+    key = lock_key(lock or job)
     db.rollback()
     got = db.fetch_value("SELECT pg_try_advisory_lock($1::int, $2::int)", (_LOCK_CLASS, key))
     db.commit()
