@@ -60,8 +60,9 @@ def test_identifier_hash_equals_postgres_sha256(
     dsn: str, pg: psycopg.Connection, tmp_path: Path, surface: str, identifier: str
 ) -> None:
     user = add_user(pg)
-    path = write_lines(tmp_path / "t.jsonl", [event(user, "e1", surface=surface,
-                                                     identifier=identifier)])
+    path = write_lines(
+        tmp_path / "t.jsonl", [event(user, "e1", surface=surface, identifier=identifier)]
+    )
 
     ingest(dsn, path)
 

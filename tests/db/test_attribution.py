@@ -1,0 +1,260 @@
+"""``derive attribution`` against real PostgreSQL: credits, idempotent re-runs, run log, CLI."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from typer.testing import CliRunner
+
+from derive.cli import app
+from derive.io.connect import connect
+from derive.jobs.attribution import run_attribution
+from derive.transforms.attribution import MODELS
+
+AS_OF = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def setup_people(pg: psycopg.Connection) -> tuple[str, str]:
+    user, prospect = str(uuid.uuid4()), str(uuid.uuid4())
+    pg.execute("INSERT INTO users (id) VALUES (%s)", (user,))
+    pg.execute("INSERT INTO prospects (id, user_id) VALUES (%s, %s)", (prospect, user))
+    return user, prospect
+
+
+def add_touch(
+    pg: psycopg.Connection,
+    user: str,
+    prospect: str | None,
+    *,
+    surface: str,
+    kind: str,
+    at: datetime,
+    payload: dict[str, Any] | None = None,
+) -> str:
+    row = pg.execute(
+        "INSERT INTO prospect_touchpoints (user_id, prospect_id, surface, touchpoint, external_id,"
+        " occurred_at, payload_jsonb, ingestion_source)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, 'manual') RETURNING id::text",
+        (
+            user,
+            prospect,
+            surface,
+            kind,
+            str(uuid.uuid4()),
+            at,
+            None if payload is None else Jsonb(payload),
+        ),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def attribute(dsn: str, **options: Any) -> Any:
+    settings: dict[str, Any] = {
+        "models": MODELS,
+        "window": 30 * DAY,
+        "half_life": 7 * DAY,
+        "as_of": AS_OF,
+        **options,
+    }
+    with connect(dsn) as db:
+        return run_attribution(db, **settings)
+
+
+def credits(pg: psycopg.Connection) -> list[tuple[Any, ...]]:
+    return pg.execute(
+        "SELECT id, conversion_id::text, touchpoint_id::text, surface, model, weight,"
+        " attributed_value, currency, window_days, half_life_days, run_id::text"
+        " FROM attribution_credits ORDER BY model, conversion_id, touchpoint_id NULLS FIRST"
+    ).fetchall()
+
+
+def journey(pg: psycopg.Connection) -> dict[str, str]:
+    user, prospect = setup_people(pg)
+    return {
+        "user": user,
+        "view": add_touch(
+            pg, user, prospect, surface="x", kind="profile_view", at=AS_OF - 10 * DAY
+        ),
+        "dm": add_touch(pg, user, prospect, surface="tryst", kind="dm_inbound", at=AS_OF - 3 * DAY),
+        "block": add_touch(pg, user, prospect, surface="tryst", kind="block", at=AS_OF - 2 * DAY),
+        "anon": add_touch(pg, user, None, surface="onlyfans", kind="profile_view", at=AS_OF - DAY),
+        "tip": add_touch(
+            pg,
+            user,
+            prospect,
+            surface="onlyfans",
+            kind="tip",
+            at=AS_OF - DAY,
+            payload={"amount": 40, "currency": "USD"},
+        ),
+    }
+
+
+def test_credits_are_written_for_every_model(dsn: str, pg: psycopg.Connection) -> None:
+    ids = journey(pg)
+
+    report = attribute(dsn)
+
+    rows = credits(pg)
+    by_model = {m: [r for r in rows if r[4] == m] for m in MODELS}
+    assert [(r[2], r[3], r[6]) for r in by_model["first_touch"]] == [(ids["view"], "x", 40)]
+    assert [(r[2], r[3], r[6]) for r in by_model["last_touch"]] == [(ids["dm"], "tryst", 40)]
+    assert sorted(r[6] for r in by_model["linear"]) == [20, 20]
+    for model, model_rows in by_model.items():
+        assert sum(r[6] for r in model_rows) == Decimal(40), model
+        assert abs(sum(r[5] for r in model_rows) - 1.0) <= 1e-9
+        assert {r[1] for r in model_rows} == {ids["tip"]}
+        assert all(r[7] == "USD" and r[8] == 30.0 and r[10] == report.run_id for r in model_rows)
+        assert all(r[9] == (7.0 if model == "time_decay" else None) for r in model_rows)
+    assert report.counts["credits_inserted"] == len(rows) == 1 + 1 + 2 + 2 + 2
+
+
+def test_blocks_and_anonymous_touchpoints_are_never_credited(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    ids = journey(pg)
+
+    report = attribute(dsn)
+
+    credited = {r[2] for r in credits(pg)}
+    assert ids["block"] not in credited
+    assert ids["anon"] not in credited
+    assert report.anonymous.rows() == [("onlyfans", 1, 0)]
+
+
+def test_rerun_over_the_same_data_writes_nothing(dsn: str, pg: psycopg.Connection) -> None:
+    journey(pg)
+    attribute(dsn)
+    before = credits(pg)
+
+    report = attribute(dsn)
+
+    assert credits(pg) == before
+    assert (
+        report.counts["credits_inserted"],
+        report.counts["credits_updated"],
+        report.counts["credits_deleted"],
+    ) == (0, 0, 0)
+
+
+def test_rerun_with_a_shorter_window_replaces_credits_without_duplicates(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    ids = journey(pg)
+    attribute(dsn)
+
+    report = attribute(dsn, window=5 * DAY)
+
+    rows = credits(pg)
+    assert {r[2] for r in rows} == {ids["dm"]}
+    assert len(rows) == len(MODELS)
+    assert all(r[6] == Decimal(40) and r[8] == 5.0 for r in rows)
+    assert report.counts["credits_deleted"] == 4  # profile_view: first_touch, linear, td, position
+
+
+def test_one_model_run_leaves_the_other_models_alone(dsn: str, pg: psycopg.Connection) -> None:
+    journey(pg)
+    attribute(dsn)
+    others = [r for r in credits(pg) if r[4] != "linear"]
+
+    attribute(dsn, models=("linear",), window=5 * DAY)
+
+    assert [r for r in credits(pg) if r[4] != "linear"] == others
+
+
+def test_conversion_without_prior_touch_credits_its_own_surface(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    user, prospect = setup_people(pg)
+    conv = add_touch(
+        pg,
+        user,
+        prospect,
+        surface="tryst",
+        kind="booking_confirmed",
+        at=AS_OF - DAY,
+        payload={"amount": "125.50"},
+    )
+
+    attribute(dsn, models=("time_decay",))
+
+    assert [(r[1], r[2], r[3], r[5], r[6], r[7]) for r in credits(pg)] == [
+        (conv, None, "tryst", 1.0, Decimal("125.5"), None)
+    ]
+
+
+def test_since_limits_the_conversions_rewritten(dsn: str, pg: psycopg.Connection) -> None:
+    user, prospect = setup_people(pg)
+    old = add_touch(
+        pg, user, prospect, surface="x", kind="tip", at=AS_OF - 20 * DAY, payload={"amount": 1}
+    )
+    new = add_touch(
+        pg, user, prospect, surface="y", kind="tip", at=AS_OF - DAY, payload={"amount": 2}
+    )
+
+    attribute(dsn, models=("last_touch",), since=AS_OF - 2 * DAY)
+
+    assert [(r[1], r[2]) for r in credits(pg)] == [(new, old)]
+
+
+def test_non_numeric_amount_counts_as_zero_and_is_reported(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    user, prospect = setup_people(pg)
+    add_touch(
+        pg, user, prospect, surface="x", kind="tip", at=AS_OF - DAY, payload={"amount": "a lot"}
+    )
+
+    report = attribute(dsn, models=("linear",))
+
+    assert [r[6] for r in credits(pg)] == [Decimal(0)]
+    assert report.counts["conversions_bad_amount"] == 1
+
+
+def test_run_is_logged(dsn: str, pg: psycopg.Connection) -> None:
+    journey(pg)
+
+    report = attribute(dsn)
+
+    row = pg.execute(
+        "SELECT job, status, counts->>'conversions', timings ? 'compute'"
+        " FROM derivation_runs WHERE run_id = %s",
+        (report.run_id,),
+    ).fetchone()
+    assert row == ("attribution", "succeeded", "1", True)
+
+
+def test_cli_attribution_prints_per_surface_values_as_csv_and_json(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    journey(pg)
+    base = ["attribution", "--dsn", dsn, "--as-of", AS_OF.isoformat(), "--model", "last_touch"]
+
+    as_csv = CliRunner().invoke(app, [*base, "--format", "csv"])
+    as_json = CliRunner().invoke(app, [*base, "--format", "json"])
+    as_table = CliRunner().invoke(app, base)
+
+    assert as_csv.exit_code == 0, as_csv.output
+    assert as_csv.output.splitlines() == [
+        "model,surface,currency,conversions,credits,attributed_value",
+        "last_touch,tryst,USD,1,1,40.000000000",
+    ]
+    payload = json.loads(as_json.output)
+    assert payload["surfaces"][0]["attributed_value"] == "40.000000000"
+    assert payload["anonymous"] == [{"surface": "onlyfans", "touchpoints": 1, "conversions": 0}]
+    assert as_table.exit_code == 0
+    assert "tryst" in as_table.output
+
+
+def test_cli_attribution_rejects_a_bad_window(dsn: str) -> None:
+    result = CliRunner().invoke(app, ["attribution", "--dsn", dsn, "--window", "30 days"])
+
+    assert result.exit_code == 2
