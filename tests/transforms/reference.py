@@ -67,7 +67,12 @@ class Step:
 def state_path(
     prior: str | None, metrics: Mapping[str, float], inactivity_days: int, rules: Rules
 ) -> list[Step]:
-    """SPEC §2.6 one user at a time: first_seen, climb gate by gate, then the retention cascade."""
+    """SPEC §2.6 one user at a time: first_seen, climb gate by gate, then the retention cascade.
+
+    Returns the audit steps: none when a stored user ends where it started (no net change), even
+    if it climbed and fell back within the run.
+    """
+    stored = prior
     steps: list[Step] = []
     if prior is None:
         steps.append(Step(None, STATES[0], "first_seen"))
@@ -86,4 +91,6 @@ def state_path(
                 level = target
                 applied = True
                 break
+    if stored is not None and STATES[level] == stored:
+        return []
     return steps
