@@ -1,0 +1,78 @@
+"""Fill a database with synthetic events (``derive demo-data``, the demo and the benchmarks)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from derive.config import Rules
+from derive.io.connect import Db
+from derive.io.load import append_events, append_users
+from derive.io.migrate import ensure_migrated
+from derive.transforms.synthetic import demo_users, generate_events
+
+# Users generated and loaded at a time: bounds memory at the 1M-user scale (~23M events).
+BLOCK_USERS = 250_000
+
+
+def block_seeds(users: int, seed: int) -> list[tuple[int, int]]:
+    """``(users, seed)`` of each block; a single block keeps ``seed`` itself."""
+    if users <= BLOCK_USERS:
+        return [(users, seed)]
+    sizes = [BLOCK_USERS] * (users // BLOCK_USERS)
+    if users % BLOCK_USERS:
+        sizes.append(users % BLOCK_USERS)
+    return [
+        (size, int(np.random.SeedSequence([seed, i]).generate_state(1)[0] >> 1))
+        for i, size in enumerate(sizes)
+    ]
+
+
+def load_demo_data(
+    db: Db,
+    *,
+    users: int,
+    as_of: datetime,
+    rules: Rules,
+    days: int = 120,
+    seed: int = 0,
+    dirty: bool = False,
+    bursts: bool = True,
+) -> dict[str, Any]:
+    """Generate events for ``users`` users (see :mod:`derive.transforms.synthetic`) and append them.
+
+    Also inserts the users' ``users`` rows (id and attribution salt) for the jobs that need them.
+
+    Returns:
+        Counts: ``users``, ``events``, ``anonymous`` (rows without user), ``seconds`` (total),
+        ``generate_seconds`` and ``load_seconds``.
+
+    Raises:
+        SchemaError: the database is not migrated.
+        SourceError: the database rejected the load (nothing of the failing block is kept).
+    """
+    start = time.perf_counter()
+    ensure_migrated(db)
+    counts = {"users": 0, "events": 0, "anonymous": 0}
+    generating = loading = 0.0
+    for size, block_seed in block_seeds(users, seed):
+        tick = time.perf_counter()
+        events = generate_events(
+            size, as_of=as_of, rules=rules, days=days, seed=block_seed, dirty=dirty, bursts=bursts
+        )
+        people = demo_users(size, seed=block_seed)
+        generating += time.perf_counter() - tick
+        tick = time.perf_counter()
+        counts["users"] += append_users(db, people)
+        counts["events"] += append_events(db, events)
+        counts["anonymous"] += events["user_id"].null_count()
+        loading += time.perf_counter() - tick
+    return {
+        **counts,
+        "seconds": round(time.perf_counter() - start, 2),
+        "generate_seconds": round(generating, 2),
+        "load_seconds": round(loading, 2),
+    }
