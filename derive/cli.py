@@ -167,7 +167,7 @@ def db_stop() -> None:
 
 
 @app.command("demo-data")
-def demo_data(
+def demo_data(  # noqa: PLR0917 (typer maps parameters to options)
     users: Annotated[int, typer.Option("--users", min=1, help="Number of users to generate.")] = 10_000,
     days: Annotated[int, typer.Option("--days", min=1, help="Days of history up to --as-of.")] = 120,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")] = 0,
