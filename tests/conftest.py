@@ -94,6 +94,12 @@ def dsn(admin_dsn: str, template_db: str, _scratch_databases: list[str]) -> str:
 
 
 @pytest.fixture
+def second_dsn(admin_dsn: str, template_db: str, _scratch_databases: list[str]) -> str:
+    """Another fresh, migrated database (a control for comparisons)."""
+    return _new_database(admin_dsn, _scratch_databases, "derive_test", template_db)
+
+
+@pytest.fixture
 def empty_dsn(admin_dsn: str, _scratch_databases: list[str]) -> str:
     """DSN of a fresh database with no schema at all."""
     return _new_database(admin_dsn, _scratch_databases, "derive_empty", None)

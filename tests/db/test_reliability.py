@@ -1,0 +1,193 @@
+"""Crash safety, overlapping runs and hostile input, through the real console script."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from tests.db.helpers import AS_OF, engaged_user, event, insert_events, run, snapshot
+
+
+def derive(*args: str) -> subprocess.Popen[str]:
+    """Start ``derive ...`` as its own process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "derive.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def write_blocked(pg: psycopg.Connection) -> bool:
+    """A derive backend of this database is inside its write, waiting for a table lock."""
+    return bool(
+        pg.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE '%audience_state%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    )
+
+
+def block_writes(dsn: str) -> psycopg.Connection:
+    """Hold a lock that makes the job's upsert wait (the job holds its advisory lock meanwhile)."""
+    blocker = psycopg.connect(dsn)
+    blocker.execute("LOCK TABLE audience_state IN SHARE MODE")
+    return blocker
+
+
+def population() -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for user in range(1, 41):
+        rows += engaged_user(user)
+        if user % 3 == 0:
+            rows.append(
+                event(
+                    user,
+                    "email_subscribe",
+                    "subscription",
+                    ago=timedelta(hours=30),
+                    metadata={"consent_recorded": True},
+                )
+            )
+    return rows
+
+
+def derived(pg: psycopg.Connection) -> tuple[Any, Any]:
+    """States and the audit trail, minus what legitimately differs between runs (ids, times)."""
+    state_rows = pg.execute(
+        "SELECT user_id, current_state, engagement_score, last_event_type, last_activity_at,"
+        " state_updated_at FROM audience_state ORDER BY user_id"
+    ).fetchall()
+    trail = pg.execute(
+        "SELECT user_id, metadata->>'prior_state', metadata->>'new_state',"
+        " metadata->'rule_trigger' FROM audience_events WHERE event_type = 'state_change_logged'"
+        " ORDER BY user_id, (metadata->>'step')::int"
+    ).fetchall()
+    return state_rows, trail
+
+
+def test_sigkill_during_write_leaves_everything_as_before_and_next_run_converges(
+    dsn: str, second_dsn: str, pg: psycopg.Connection
+) -> None:
+    insert_events(pg, population())
+    before = snapshot(pg)
+    blocker = block_writes(dsn)
+    job = derive("run", "--dsn", dsn, "--as-of", AS_OF.isoformat())
+    wait_for(lambda: write_blocked(pg), "the run to reach its write")
+
+    job.send_signal(signal.SIGKILL)
+    job.communicate()
+    blocker.rollback()
+    blocker.close()
+    wait_for(
+        lambda: (
+            not write_blocked(pg)
+            and not pg.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        ),
+        "the killed run's session to end",
+    )
+
+    assert snapshot(pg) == before
+    run(dsn)
+    with psycopg.connect(second_dsn, autocommit=True) as control:
+        insert_events(control, population())
+        run(second_dsn)
+        assert derived(pg) == derived(control)
+    statuses = [s for (s,) in pg.execute("SELECT status FROM derivation_runs ORDER BY started_at")]
+    assert statuses == ["failed", "succeeded"]
+
+
+def test_two_runs_started_together_one_succeeds_the_other_exits_75(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    insert_events(pg, population())
+    blocker = block_writes(dsn)
+    first = derive("run", "--dsn", dsn, "--as-of", AS_OF.isoformat())
+    wait_for(lambda: write_blocked(pg), "the first run to hold the lock")
+    before = snapshot(pg)
+
+    second = derive("run", "--dsn", dsn, "--as-of", AS_OF.isoformat())
+    _, second_err = second.communicate(timeout=120)
+    after_second = snapshot(pg)
+    blocker.rollback()
+    blocker.close()
+    first.communicate(timeout=120)
+
+    assert second.returncode == 75, second_err
+    assert "skipped" in second_err
+    assert after_second == before
+    assert first.returncode == 0
+    statuses = sorted(s for (s,) in pg.execute("SELECT status FROM derivation_runs"))
+    assert statuses == ["skipped", "succeeded"]
+
+
+HOSTILE = [
+    event(1, "content_view", "engagement", metadata={"duration_seconds": "abc"}),
+    event(1, "content_view", "engagement", metadata={"scroll_depth_percent": True}),
+    event(1, "content_view", "engagement", metadata={"duration_seconds": {"v": 1}}),
+    event(2, "content_view", "engagement", metadata=[1, 2]),
+    event(2, "content_view", "engagement", metadata="just text"),
+    event(2, "content_view", "engagement", metadata=None),
+    event(3, "made_up", "engagement"),
+    event(3, "content_share", "engagement"),
+    event(4, "ping", "telemetry"),
+    event(None, "content_view", "engagement", session=None),
+    event(5, "content_view", "engagement", session=None, metadata={"duration_seconds": 30}),
+    event(5, "content_view", "engagement", ago=-timedelta(days=3)),
+]
+
+
+def test_hostile_input_is_counted_and_the_run_completes(dsn: str, pg: psycopg.Connection) -> None:
+    insert_events(pg, HOSTILE)
+    pg.execute(
+        "UPDATE audience_events SET metadata = 'null'::jsonb WHERE user_id = %s"
+        " AND metadata = '{}'::jsonb AND event_type = 'content_view'",
+        ("00000000-0000-0000-0000-000000000002",),
+    )
+    pg.execute(
+        "INSERT INTO audience_events (user_id, event_type, event_category)"
+        " VALUES (NULL, 'content_view', 'engagement')"
+    )
+
+    job = derive("run", "--dsn", dsn, "--as-of", AS_OF.isoformat(), "--json")
+    out, err = job.communicate(timeout=120)
+
+    assert job.returncode == 0, err
+    counts = json.loads(out)["counts"]
+    assert counts["events_invalid"] == {
+        "malformed_metadata": 6,
+        "unknown_category": 1,
+        "unknown_event_type": 1,
+        "wrong_category": 1,
+    }
+    assert counts["events_anonymous"] == 1
+    assert counts["events_future"] == 2  # the future row, and the row stamped now() by default
+    assert counts["rejected_by_reason"] == {"unknown_event_category": 1}
+
+
+def test_empty_tables_run_cleanly(dsn: str) -> None:
+    job = derive("run", "--dsn", dsn, "--json")
+    out, err = job.communicate(timeout=120)
+
+    assert job.returncode == 0, err
+    counts = json.loads(out)["counts"]
+    assert counts["events_read"] == 0
+    assert counts["users_evaluated"] == 0
