@@ -1,0 +1,310 @@
+"""``derive rollup`` against a real PostgreSQL: aggregation, cadence, idempotence, refresh, lock, RLS."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from derive.cli import app
+from derive.errors import LockBusy
+from derive.io.connect import connect
+from derive.io.runlog import _LOCK_CLASS, lock_key
+from derive.jobs.ingest_metrics import ingest_metrics
+from derive.jobs.rollup import JOB, RollupResult, run_rollup
+from derive.metrics_rules import load_metrics_rules
+
+RULES = load_metrics_rules()
+USER_A = "aaaaaaaa-0000-4000-8000-000000000001"
+USER_B = "bbbbbbbb-0000-4000-8000-000000000002"
+AS_OF = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+DAY_END = datetime(2026, 11, 22, tzinfo=UTC)  # window of the last day: ends 12 h before AS_OF
+
+
+def row(
+    kind: str, value: Any, *, end: datetime = DAY_END, days: int = 1, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "metric_kind": kind,
+        "window_start": (end - timedelta(days=days)).isoformat(),
+        "window_end": end.isoformat(),
+        "value_numeric": value,
+        **extra,
+    }
+
+
+def load(
+    dsn: str,
+    tmp_path: Path,
+    surface: str,
+    *rows: dict[str, Any],
+    user: str = USER_A,
+    fetched_at: datetime = AS_OF - timedelta(hours=1),
+) -> None:
+    path = tmp_path / f"{surface}-{fetched_at.timestamp()}-{user}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "surface": surface,
+                "rows": list(rows),
+                "next_poll_after_ms": 900_000,
+                "health_note": "ok",
+            }
+        )
+    )
+    with connect(dsn) as db:
+        result = ingest_metrics(db, str(path), rules=RULES, user_id=user, fetched_at=fetched_at)
+    assert result.rows_rejected == 0
+
+
+def rollup(dsn: str, as_of: datetime = AS_OF) -> RollupResult:
+    with connect(dsn) as db:
+        return run_rollup(db, as_of=as_of, rules=RULES)
+
+
+def aggregates(pg: psycopg.Connection) -> dict[str, tuple[Any, ...]]:
+    rows = pg.execute(
+        "SELECT metric_kind::text, value_numeric, currency, surfaces_included, surface_breakdown,"
+        " computed_at, stale_after FROM metric_aggregates ORDER BY metric_kind"
+    ).fetchall()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def versions(pg: psycopg.Connection) -> dict[str, str]:
+    """metric_kind -> xmin: changes whenever the row is rewritten."""
+    return dict(
+        pg.execute("SELECT metric_kind::text, xmin::text FROM metric_aggregates").fetchall()
+    )
+
+
+def test_rollup_sums_two_surfaces_with_the_breakdown(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 120), row("tip_amount", 10.5, currency="USD"))
+    load(dsn, tmp_path, "onlyfans", row("profile_view", 30), row("tip_amount", 4, currency="USD"))
+
+    result = rollup(dsn)
+
+    assert aggregates(pg) == {
+        "profile_view": (
+            Decimal("150.0000"),
+            None,
+            ["onlyfans", "tryst"],
+            {"onlyfans": 30, "tryst": 120},
+            AS_OF,
+            AS_OF + timedelta(minutes=15),
+        ),
+        "tip_amount": (
+            Decimal("14.5000"),
+            "USD",
+            ["onlyfans", "tryst"],
+            {"onlyfans": 4, "tryst": 10.5},
+            AS_OF,
+            AS_OF + timedelta(minutes=15),
+        ),
+    }
+    assert result.counts["inserted"] == 2
+
+
+def test_rate_and_rank_kinds_aggregate_as_the_rules_say(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "a", row("reply_rate", 0.1), row("search_rank", 7, value_text="Top 10"))
+    load(dsn, tmp_path, "b", row("reply_rate", 0.2), row("search_rank", 3))
+    load(dsn, tmp_path, "c", row("reply_rate", 0.4))
+
+    rollup(dsn)
+
+    values = {k: v[0] for k, v in aggregates(pg).items()}
+    assert values == {"reply_rate": Decimal("0.2333"), "search_rank": Decimal("3.0000")}
+
+
+def test_mixed_currencies_are_reported_and_not_summed(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("gross_revenue", 100, currency="USD"))
+    load(dsn, tmp_path, "onlyfans", row("gross_revenue", 80, currency="EUR"))
+
+    result = rollup(dsn)
+
+    assert aggregates(pg) == {}
+    assert result.counts["not_aggregated_mixed_currency"] == 1
+    assert [(s["user_id"], s["status"], s["currencies"]) for s in result.skipped] == [
+        (USER_A, "mixed_currency", ["EUR", "USD"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("end_before_as_of", "due_in"),
+    [
+        (timedelta(hours=24), timedelta(minutes=15)),
+        (timedelta(hours=24, seconds=1), timedelta(hours=1)),
+        (timedelta(days=7), timedelta(hours=1)),
+        (timedelta(days=7, seconds=1), timedelta(days=1)),
+        (timedelta(days=90), timedelta(days=1)),
+    ],
+)
+def test_stale_after_follows_the_cadence_at_its_boundaries(
+    dsn: str,
+    pg: psycopg.Connection,
+    tmp_path: Path,
+    end_before_as_of: timedelta,
+    due_in: timedelta,
+) -> None:
+    load(dsn, tmp_path, "tryst", row("dm_inbound", 4, end=AS_OF - end_before_as_of))
+
+    rollup(dsn)
+
+    assert aggregates(pg)["dm_inbound"][-1] == AS_OF + due_in
+
+
+def test_windows_older_than_90_days_are_final_and_never_refreshed(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("dm_inbound", 4, end=AS_OF - timedelta(days=90, seconds=1)))
+
+    rollup(dsn)
+    before = versions(pg)
+    load(
+        dsn,
+        tmp_path,
+        "tryst",
+        row("dm_inbound", 9, end=AS_OF - timedelta(days=90, seconds=1)),
+        fetched_at=AS_OF + timedelta(days=1),
+    )
+    later = rollup(dsn, AS_OF + timedelta(days=365))
+
+    final = pg.execute("SELECT stale_after = 'infinity' FROM metric_aggregates").fetchone()
+    assert final == (True,)
+    assert versions(pg) == before
+    assert later.counts["sources_read"] == 0
+
+
+def test_a_second_rollup_at_the_same_as_of_rewrites_nothing(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(
+        dsn,
+        tmp_path,
+        "tryst",
+        row("profile_view", 120),
+        row("dm_inbound", 3, end=AS_OF - timedelta(days=30)),
+    )
+    load(dsn, tmp_path, "x", row("profile_view", 5))
+    rollup(dsn)
+    before = versions(pg)
+
+    second = rollup(dsn)
+
+    assert versions(pg) == before
+    assert second.counts["rows_written"] == second.counts["rows_touched"] == 0
+    assert second.counts["sources_read"] == 0
+    runs = pg.execute(
+        "SELECT status, counts->>'inserted' FROM derivation_runs WHERE job = 'rollup'"
+        " ORDER BY started_at"
+    ).fetchall()
+    assert runs == [("succeeded", "2"), ("succeeded", "0")]
+
+
+def test_a_rollup_after_new_sources_refreshes_exactly_the_affected_aggregates(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    month_ago = AS_OF - timedelta(days=30)
+    load(
+        dsn,
+        tmp_path,
+        "tryst",
+        row("profile_view", 120),
+        row("dm_inbound", 3),
+        row("dm_outbound", 1, end=month_ago),
+    )
+    load(dsn, tmp_path, "x", row("profile_view", 5), row("dm_inbound", 2))
+    rollup(dsn)
+    before = aggregates(pg)
+    later = AS_OF + timedelta(hours=2)
+    load(
+        dsn,
+        tmp_path,
+        "x",
+        row("profile_view", 9),
+        row("dm_outbound", 6, end=month_ago),
+        fetched_at=AS_OF + timedelta(hours=1),
+    )
+
+    result = rollup(dsn, later)
+
+    after = aggregates(pg)
+    assert after["profile_view"] == (
+        Decimal("129.0000"),
+        None,
+        ["tryst", "x"],
+        {"tryst": 120, "x": 9},
+        later,
+        later + timedelta(minutes=15),
+    )
+    assert after["dm_inbound"] == (*before["dm_inbound"][:-1], later + timedelta(minutes=15))
+    assert after["dm_outbound"] == before["dm_outbound"]  # not due until a day after AS_OF
+    assert (result.counts["recomputed"], result.counts["refreshed"], result.counts["inserted"]) == (
+        1,
+        1,
+        0,
+    )
+
+
+def test_the_newest_fetch_wins_after_a_reingest(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 100), fetched_at=AS_OF - timedelta(hours=2))
+    load(dsn, tmp_path, "tryst", row("profile_view", 120), fetched_at=AS_OF - timedelta(hours=1))
+    load(dsn, tmp_path, "tryst", row("profile_view", 999), fetched_at=AS_OF + timedelta(hours=1))
+
+    result = rollup(dsn)
+
+    assert aggregates(pg)["profile_view"][:2] == (Decimal("120.0000"), None)
+    assert (result.counts["sources_read"], result.counts["sources_superseded"]) == (2, 1)
+
+
+def test_an_overlapping_rollup_is_skipped(dsn: str, pg: psycopg.Connection) -> None:
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_CLASS, lock_key(JOB)))
+
+        with pytest.raises(LockBusy):
+            rollup(dsn)
+
+    assert pg.execute("SELECT status FROM derivation_runs").fetchall() == [("skipped",)]
+
+
+def test_tenant_sees_only_its_own_aggregates(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 1), user=USER_A)
+    load(dsn, tmp_path, "tryst", row("profile_view", 2), row("dm_inbound", 1), user=USER_B)
+    rollup(dsn)
+
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE authenticated")
+        pg.execute("SELECT set_config('app.user_id', %s, true)", (USER_A,))
+        seen = pg.execute(
+            "SELECT user_id::text, count(*) FROM metric_aggregates GROUP BY 1"
+        ).fetchall()
+        metrics = pg.execute("SELECT DISTINCT user_id::text FROM surface_metrics").fetchall()
+
+    assert seen == [(USER_A, 1)]
+    assert metrics == [(USER_A,)]
+
+
+def test_cli_rollup_prints_json_counts(dsn: str, tmp_path: Path) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 1))
+
+    result = CliRunner().invoke(
+        app, ["rollup", "--as-of", AS_OF.isoformat(), "--dsn", dsn, "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"]["inserted"] == 1
