@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -137,6 +138,22 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@db_app.command("adopt")
+def db_adopt(dsn: DsnOpt = None) -> None:
+    """Give states written by another system an audit trail (one state_adopted row each).
+
+    Without it, the state_jump fail-safe rejects every user whose stored state has no audit row.
+    Safe to repeat: states that already have a consistent trail are left alone.
+    """
+    from derive.config import utc_now
+    from derive.io.database import open_db
+    from derive.jobs.adopt import adopt
+
+    with open_db(dsn) as db:
+        adopted = adopt(db, as_of=utc_now())
+    out.print(f"adopted {adopted} state(s)")
+
+
 @db_app.command("stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server (it is started again on demand)."""
@@ -150,7 +167,7 @@ def db_stop() -> None:
 
 
 @app.command("demo-data")
-def demo_data(
+def demo_data(  # noqa: PLR0917 (typer maps parameters to options)
     users: Annotated[int, typer.Option("--users", min=1, help="Number of users to generate.")] = 10_000,
     days: Annotated[int, typer.Option("--days", min=1, help="Days of history up to --as-of.")] = 120,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")] = 0,
@@ -283,6 +300,149 @@ def print_run_summary(report: Any) -> None:
             ],
         )
     )
+    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+    out.print(f"timings: {timings}")
+
+
+# -- touchpoints and attribution ------------------------------------------------------------------------
+
+
+@ingest_app.command("touchpoints")
+def ingest_touchpoints_cmd(
+    file: Annotated[
+        Path, typer.Argument(help="JSON lines, one touchpoint event per line.", metavar="FILE")
+    ],
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store surface-side touchpoint events; a second ingest of the same events inserts nothing.
+
+    Each line is a JSON object with user_id, surface, touchpoint (the kind, e.g. dm_inbound or
+    tip), external_id, occurred_at (ISO-8601 with a zone) and optionally org_id, prospect_id,
+    identifier, payload (an object; conversions carry amount and currency) and ingestion_source
+    (adapter_poll, webhook or manual). Events are unique on (surface, external_id). A raw
+    identifier is never stored: only sha256(lower(surface:identifier) || the user's salt).
+    Refused lines are reported with their line number and reason.
+    """
+    from derive.io.database import open_db
+    from derive.jobs.ingest_touchpoints import ingest_touchpoints
+
+    with open_db(dsn) as db:
+        report = ingest_touchpoints(db, file)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    rows: list[list[Any]] = [
+        ["lines", report.lines],
+        ["inserted", report.inserted],
+        ["duplicates in file", report.duplicates_in_file],
+        ["already stored", report.already_stored],
+        ["salts created", report.salts_created],
+        *[[f"rejected: {reason}", n] for reason, n in report.rejected_by_reason().items()],
+    ]
+    out.print(table(f"touchpoints from {report.file}", ["", "count"], rows))
+    for line_no, reason in report.rejected.head(20).iter_rows():
+        out.print(f"line {line_no}: {reason}")
+    if report.rejected.height > 20:
+        out.print(f"... {report.rejected.height - 20} more refused lines (--json lists them all)")
+
+
+class AttributionModel(StrEnum):
+    """``--model`` values."""
+
+    time_decay = "time_decay"
+    first_touch = "first_touch"
+    last_touch = "last_touch"
+    linear = "linear"
+    position_based = "position_based"
+    all = "all"
+
+
+class OutputFormat(StrEnum):
+    """``--format`` values."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("attribution")
+def attribution_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
+    model: Annotated[
+        AttributionModel, typer.Option("--model", help="Attribution model, or all of them.")
+    ] = AttributionModel.time_decay,
+    window: Annotated[
+        str, typer.Option("--window", help=f"Look-back before each conversion: {DURATION_FORMS}.")
+    ] = "30d",
+    half_life: Annotated[
+        str, typer.Option("--half-life", help="Half-life of time_decay weights.")
+    ] = "7d",
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only conversions at or after TS (default: all).",
+                     metavar="TS"),
+    ] = None,
+    as_of: AsOfOpt = None,
+    dsn: DsnOpt = None,
+    output: Annotated[
+        OutputFormat, typer.Option("--format", help="table for people, csv or json for tools.")
+    ] = OutputFormat.table,
+) -> None:
+    """Credit each conversion's value to the surfaces of the prospect's prior touchpoints.
+
+    Conversions are subscription_new, tip, booking_confirmed and booking_completed touchpoints
+    up to --as-of (value: payload amount, 0 if absent). Their prior touchpoints of the same
+    prospect in [conversion - window, conversion) share the credit under the model: first_touch,
+    last_touch, linear, time_decay (2^(-age/half-life), normalised) or position_based (40/20/40).
+    No prior touch: full credit to the conversion's own surface. Anonymous touchpoints are only
+    counted. Credits go to attribution_credits (re-runs replace, never duplicate); prints the
+    attributed value per surface. Exit codes: 0 done, 1 failed, 2 usage error, 75 skipped.
+    """
+    from derive.config import utc_now
+    from derive.io.database import open_db
+    from derive.jobs.attribution import run_attribution
+    from derive.transforms.attribution import MODELS
+
+    models = MODELS if model is AttributionModel.all else (model.value,)
+    span = _duration(window)
+    decay = _duration(half_life)
+    assert span is not None
+    assert decay is not None
+    start = _timestamp(since)
+    when = _timestamp(as_of) or utc_now()
+    with open_db(dsn) as db:
+        report = run_attribution(
+            db, models=models, window=span, half_life=decay, since=start, as_of=when
+        )
+    if output is OutputFormat.json:
+        print_json(report.as_dict())
+        return
+    if output is OutputFormat.csv:
+        sys.stdout.write(report.surfaces.write_csv())
+        return
+    c = report.counts
+    out.print(
+        f"[bold]attribution run {report.run_id}[/]  as_of {report.as_of.isoformat()}  window "
+        f"{window}  half-life {half_life}  conversions {c['conversions']}  credits {c['credits']} "
+        f"(+{c['credits_inserted']} ~{c['credits_updated']} -{c['credits_deleted']})"
+    )
+    out.print(
+        table(
+            "attributed value per surface",
+            ["model", "surface", "currency", "conversions", "credits", "attributed value"],
+            [[m, s, cur or "-", n, k, v] for m, s, cur, n, k, v in report.surfaces.iter_rows()],
+        )
+    )
+    if report.anonymous.height:
+        out.print(
+            table(
+                "anonymous touchpoints (counted only, never attributed)",
+                ["surface", "touchpoints", "conversions"],
+                [list(r) for r in report.anonymous.iter_rows()],
+            )
+        )
+    if c["conversions_bad_amount"]:
+        out.print(f"{c['conversions_bad_amount']} conversions have a non-numeric amount (value 0)")
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
     out.print(f"timings: {timings}")
 
