@@ -127,8 +127,7 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
         label = db.label
     failed = [c for c in results if not c.ok]
     if as_json:
-        print_json({"database": label, "ok": not failed,
-                    "checks": [c.__dict__ for c in results]})
+        print_json({"database": label, "ok": not failed, "checks": [c.__dict__ for c in results]})
     else:
         for c in results:
             mark = "[green]pass[/]" if c.ok else "[red]FAIL[/]"
@@ -168,13 +167,21 @@ def db_stop() -> None:
 
 @app.command("demo-data")
 def demo_data(  # noqa: PLR0917 (typer maps parameters to options)
-    users: Annotated[int, typer.Option("--users", min=1, help="Number of users to generate.")] = 10_000,
-    days: Annotated[int, typer.Option("--days", min=1, help="Days of history up to --as-of.")] = 120,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")] = 0,
+    users: Annotated[
+        int, typer.Option("--users", min=1, help="Number of users to generate.")
+    ] = 10_000,
+    days: Annotated[
+        int, typer.Option("--days", min=1, help="Days of history up to --as-of.")
+    ] = 120,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")
+    ] = 0,
     dirty: Annotated[
         bool,
-        typer.Option("--dirty", help="Add malformed metadata, unknown categories, missing consent "
-                     "and spam users."),
+        typer.Option(
+            "--dirty",
+            help="Add malformed metadata, unknown categories, missing consent and spam users.",
+        ),
     ] = False,
     no_bursts: Annotated[
         bool, typer.Option("--no-bursts", help="No near-duplicate bursts (< 3 s apart).")
@@ -196,14 +203,25 @@ def demo_data(  # noqa: PLR0917 (typer maps parameters to options)
     reference = parse_timestamp(as_of) if as_of is not None else utc_now()
     rules = rules_from(rules_file)
     with open_db(dsn) as db:
-        counts = load_demo_data(db, users=users, as_of=reference, rules=rules, days=days,
-                                seed=seed, dirty=dirty, bursts=not no_bursts)
+        counts = load_demo_data(
+            db,
+            users=users,
+            as_of=reference,
+            rules=rules,
+            days=days,
+            seed=seed,
+            dirty=dirty,
+            bursts=not no_bursts,
+        )
         label = db.label
     if as_json:
         print_json({"database": label, "as_of": reference.isoformat(), **counts})
         return
-    out.print(table(f"demo data -> {label}", ["", "value"],
-                    [[key, value] for key, value in counts.items()]))
+    out.print(
+        table(
+            f"demo data -> {label}", ["", "value"], [[key, value] for key, value in counts.items()]
+        )
+    )
 
 
 UsersOpt = Annotated[
@@ -222,6 +240,41 @@ def _uuids(values: list[str] | None) -> list[str]:
         except ValueError:
             raise typer.BadParameter(f"{value!r} is not a UUID", param_hint="--user") from None
     return out_ids
+
+
+@app.command("demo")
+def demo_cmd(
+    users: Annotated[
+        int, typer.Option("--users", min=1, help="Synthetic users to generate.")
+    ] = 10_000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the generator.")] = 0,
+    dirty: Annotated[
+        bool, typer.Option("--dirty", help="Mix in malformed rows, unknown categories and spam.")
+    ] = False,
+    rules: RulesOpt = None,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate realistic events for N users and run the derivation on them.
+
+    Without --dsn it uses a fresh `derive_demo` database on the embedded server (made anew on each
+    call; your `derive` database is not touched). With --dsn the database must be empty.
+    """
+    from derive.jobs.demo_run import run_demo
+
+    result = run_demo(dsn, users=users, seed=seed, dirty=dirty, rules=rules_from(rules))
+    if as_json:
+        print_json(
+            {"database": result.database, "loaded": result.loaded, **result.report.as_dict()}
+        )
+        return
+    loaded = result.loaded
+    out.print(
+        f"[bold]demo[/] {result.database}: loaded {loaded['events']:,} events "
+        f"({loaded['anonymous']:,} anonymous) for {loaded['users']:,} users "
+        f"in {loaded['seconds']:.1f}s"
+    )
+    print_run_summary(result.report)
 
 
 @app.command("run")
@@ -281,7 +334,10 @@ def print_run_summary(report: Any) -> None:
         ["  anonymous (not derived)", c["events_anonymous"]],
         ["  after as_of (ignored)", c["events_future"]],
         ["users evaluated", c["users_evaluated"]],
-        ["  changed (rows written)" if not report.dry_run else "  would change", c["users_changed"]],
+        [
+            "  changed (rows written)" if not report.dry_run else "  would change",
+            c["users_changed"],
+        ],
         ["  state changes", c["state_changes"]],
         ["  rejected", c["users_rejected"]],
         *[[f"    {reason}", n] for reason, n in c["rejected_by_reason"].items()],
@@ -379,8 +435,9 @@ def attribution_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
     ] = "7d",
     since: Annotated[
         str | None,
-        typer.Option("--since", help="Only conversions at or after TS (default: all).",
-                     metavar="TS"),
+        typer.Option(
+            "--since", help="Only conversions at or after TS (default: all).", metavar="TS"
+        ),
     ] = None,
     as_of: AsOfOpt = None,
     dsn: DsnOpt = None,
@@ -470,8 +527,11 @@ def ingest_metrics_cmd(  # noqa: PLR0917 - typer maps each parameter to an optio
     ],
     user: Annotated[
         str | None,
-        typer.Option("--user", help="Owner of the rows (needed unless each object has user_id).",
-                     metavar="UUID"),
+        typer.Option(
+            "--user",
+            help="Owner of the rows (needed unless each object has user_id).",
+            metavar="UUID",
+        ),
     ] = None,
     org: Annotated[
         str | None, typer.Option("--org", help="Org of the rows (optional).", metavar="UUID")
@@ -514,25 +574,51 @@ def ingest_metrics_cmd(  # noqa: PLR0917 - typer maps each parameter to an optio
     metrics_rules = load_metrics_rules(rules)
     with open_db(dsn) as db:
         result = ingest_metrics(
-            db, file, rules=metrics_rules, user_id=user, org_id=org, source=source,
+            db,
+            file,
+            rules=metrics_rules,
+            user_id=user,
+            org_id=org,
+            source=source,
             strict=strict,
         )
     if as_json:
-        print_json({
-            "inserted": result.inserted,
-            "rejected": result.rows_rejected,
-            "strict_rejected": result.strict_rejected,
-            "sessions": result.sessions.to_dicts(),
-            "rejected_rows": result.rejected.to_dicts(),
-        })
+        print_json(
+            {
+                "inserted": result.inserted,
+                "rejected": result.rows_rejected,
+                "strict_rejected": result.strict_rejected,
+                "sessions": result.sessions.to_dicts(),
+                "rejected_rows": result.rejected.to_dicts(),
+            }
+        )
     else:
-        out.print(table(
-            f"ingested {file}",
-            ["surface", "status", "rows", "inserted", "rejected", "next poll after", "health note"],
-            [[s["surface"], s["status"], s["rows_received"], s["rows_inserted"],
-              s["rows_rejected"], s["next_poll_after"], s["health_note"]]
-             for s in result.sessions.iter_rows(named=True)],
-        ))
+        out.print(
+            table(
+                f"ingested {file}",
+                [
+                    "surface",
+                    "status",
+                    "rows",
+                    "inserted",
+                    "rejected",
+                    "next poll after",
+                    "health note",
+                ],
+                [
+                    [
+                        s["surface"],
+                        s["status"],
+                        s["rows_received"],
+                        s["rows_inserted"],
+                        s["rows_rejected"],
+                        s["next_poll_after"],
+                        s["health_note"],
+                    ]
+                    for s in result.sessions.iter_rows(named=True)
+                ],
+            )
+        )
         for obj, row, _reasons, detail in result.rejected.head(50).iter_rows():
             out.print(f"object {obj} row {row}: {detail}", markup=False)
         if result.rows_rejected > 50:
@@ -571,10 +657,16 @@ def rollup_cmd(
     with open_db(dsn) as db:
         result = run_rollup(db, as_of=when, rules=metrics_rules)
     if as_json:
-        print_json({
-            "run_id": result.run_id, "as_of": result.as_of, "rules_version": result.rules_version,
-            "counts": result.counts, "timings": result.timings, "not_aggregated": result.skipped,
-        })
+        print_json(
+            {
+                "run_id": result.run_id,
+                "as_of": result.as_of,
+                "rules_version": result.rules_version,
+                "counts": result.counts,
+                "timings": result.timings,
+                "not_aggregated": result.skipped,
+            }
+        )
         return
     out.print(
         f"[bold]rollup run {result.run_id}[/]  as_of {result.as_of.isoformat()}  "

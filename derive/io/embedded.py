@@ -49,22 +49,26 @@ def _locked(home: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_as() -> dict[str, str]:
-    """subprocess kwargs that run the server as an unprivileged user when we are root."""
+def _run_as() -> str | None:
+    """The unprivileged user to run the server as when we are root."""
     if os.geteuid() != 0:
-        return {}
+        return None
     import pwd
 
     try:
         pwd.getpwnam(_SYSTEM_USER)
     except KeyError:
-        _check(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", _SYSTEM_USER],
-               f"creating system user {_SYSTEM_USER}")
+        _check(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", _SYSTEM_USER],
+            f"creating system user {_SYSTEM_USER}",
+        )
     install = _bin("postgres").parent.parent
     _open_prefix(install)
     for path in install.rglob("*"):
-        path.chmod(path.stat().st_mode | (0o055 if path.is_dir() or path.parent.name == "bin" else 0o044))
-    return {"user": _SYSTEM_USER}
+        path.chmod(
+            path.stat().st_mode | (0o055 if path.is_dir() or path.parent.name == "bin" else 0o044)
+        )
+    return _SYSTEM_USER
 
 
 def _open_prefix(path: Path) -> None:
@@ -109,8 +113,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _check(cmd: list[str], what: str, log: Path | None = None, **kwargs: object) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+def _check(cmd: list[str], what: str, *, log: Path | None = None, user: str | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, user=user)
     if result.returncode != 0:
         tail = ""
         if log is not None and log.exists():
@@ -122,8 +126,8 @@ def _check(cmd: list[str], what: str, log: Path | None = None, **kwargs: object)
         )
 
 
-def ensure_server(home: Path) -> str:
-    """Initialise and start the embedded server if needed; return a DSN for its ``derive`` database.
+def ensure_server(home: Path, database: str = DATABASE) -> str:
+    """Initialise and start the embedded server if needed; return a DSN for ``database``.
 
     Raises:
         SourceError: when the server cannot be initialised or started (the message quotes its log).
@@ -135,9 +139,18 @@ def ensure_server(home: Path) -> str:
             pgdata.mkdir(parents=True, exist_ok=True)
             _chown(pgdata)
             _check(
-                [str(_bin("initdb")), "-D", str(pgdata), "--auth=trust", "--encoding=UTF8",
-                 "--no-instructions", "-U", "postgres"],
-                "initdb", **run_as,
+                [
+                    str(_bin("initdb")),
+                    "-D",
+                    str(pgdata),
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                    "-U",
+                    "postgres",
+                ],
+                "initdb",
+                user=run_as,
             )
         port = _running_port(pgdata)
         if port is None:
@@ -148,25 +161,47 @@ def ensure_server(home: Path) -> str:
                 "-c max_wal_size=2GB -c shared_buffers=256MB"
             )
             _check(
-                [str(_bin("pg_ctl")), "-D", str(pgdata), "-w", "-t", "60", "-l", str(log),
-                 "-o", options, "start"],
-                f"start on 127.0.0.1:{port}", log, **run_as,
+                [
+                    str(_bin("pg_ctl")),
+                    "-D",
+                    str(pgdata),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(log),
+                    "-o",
+                    options,
+                    "start",
+                ],
+                f"start on 127.0.0.1:{port}",
+                log=log,
+                user=run_as,
             )
             deadline = time.monotonic() + 30
             while _running_port(pgdata) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-        dsn = f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
-        _ensure_database(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/{database}"
+        _ensure_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", database)
     return dsn
 
 
-def _ensure_database(admin_dsn: str) -> None:
+def _ensure_database(admin_dsn: str, database: str, *, fresh: bool = False) -> None:
     from derive.io.connect import connect
 
-    # CREATE DATABASE cannot run inside a transaction block.
+    # CREATE DATABASE cannot run inside a transaction block; the name is ours, never user input.
     with connect(admin_dsn, autocommit=True) as db:
-        if not db.fetch_value("SELECT 1 FROM pg_database WHERE datname = $1", (DATABASE,)):
-            db.execute(f'CREATE DATABASE "{DATABASE}"')
+        if fresh:
+            db.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        if not db.fetch_value("SELECT 1 FROM pg_database WHERE datname = $1", (database,)):
+            db.execute(f'CREATE DATABASE "{database}"')
+
+
+def fresh_database(home: Path, database: str) -> str:
+    """A new, empty ``database`` on the embedded server (dropped first if it exists)."""
+    dsn = ensure_server(home, database)
+    _ensure_database(dsn.rsplit("/", 1)[0] + "/postgres", database, fresh=True)
+    return dsn
 
 
 def stop_server(home: Path) -> bool:
@@ -175,6 +210,9 @@ def stop_server(home: Path) -> bool:
     with _locked(home):
         if _running_port(pgdata) is None:
             return False
-        _check([str(_bin("pg_ctl")), "-D", str(pgdata), "-w", "-m", "fast", "stop"], "stop",
-               **_run_as())
+        _check(
+            [str(_bin("pg_ctl")), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
+            "stop",
+            user=_run_as(),
+        )
     return True
