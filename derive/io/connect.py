@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -167,10 +167,8 @@ class Db:
         """Roll back the open transaction (quietly if the connection is already broken)."""
         import adbc_driver_manager
 
-        try:
+        with suppress(adbc_driver_manager.Error):
             self._conn.rollback()
-        except adbc_driver_manager.Error:
-            pass
 
     @contextmanager
     def transaction(self, *, role: str | None = None) -> Iterator[Db]:
@@ -192,10 +190,8 @@ class Db:
     def close(self) -> None:
         """Close the connection (rolling back anything left open)."""
         self.rollback()
-        try:
+        with suppress(Exception):
             self._conn.close()
-        except Exception:
-            pass
 
     def __enter__(self) -> Db:
         return self
@@ -209,10 +205,13 @@ def _plain_arrow(table: pa.Table) -> pa.Table:
     columns = []
     for column in table.columns:
         if isinstance(column.type, pa.ExtensionType):
-            column = pa.chunked_array(
-                [chunk.storage for chunk in column.chunks], type=column.type.storage_type
+            columns.append(
+                pa.chunked_array(
+                    [chunk.storage for chunk in column.chunks], type=column.type.storage_type
+                )
             )
-        columns.append(column)
+        else:
+            columns.append(column)
     return pa.Table.from_arrays(columns, names=table.column_names)
 
 
@@ -223,7 +222,7 @@ def connect(dsn: str, *, autocommit: bool = False) -> Db:
         SourceError: naming ``host:port/database`` and the server's reason, never the password.
     """
     import adbc_driver_manager
-    import adbc_driver_postgresql.dbapi as dbapi
+    from adbc_driver_postgresql import dbapi
 
     label = describe_dsn(dsn)
     try:
