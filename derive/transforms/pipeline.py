@@ -14,7 +14,7 @@ from datetime import datetime
 
 import polars as pl
 
-from derive.config import STATES, Rules
+from derive.config import STATES, SYSTEM_CATEGORY, Rules
 from derive.transforms import audit, dedupe, failsafe, metrics, states, validate
 
 
@@ -77,7 +77,13 @@ def derive_states(
         as_of: the reference time.
         rules: the validated rules.
     """
-    classified = validate.classify_events(events.lazy(), rules=rules).collect()
+    # The read hands over only non-system events of known users (SPEC §2); a caller passing more
+    # gets the same answer: system rows never score, count as activity or trip a fail-safe, and
+    # anonymous events are never derived.
+    derivable = events.lazy().filter(
+        pl.col("user_id").is_not_null() & pl.col("event_category").ne_missing(SYSTEM_CATEGORY)
+    )
+    classified = validate.classify_events(derivable, rules=rules).collect()
     valid = validate.valid_events(classified.lazy())
     marked = dedupe.mark_duplicates(valid, window=rules.dedupe_window)
     kept = marked.filter("kept")
