@@ -36,12 +36,15 @@ PROTECTED = {
 
 
 @contextmanager
-def as_role(pg: psycopg.Connection, role: str, **settings: str) -> Iterator[psycopg.Connection]:
-    """A transaction under ``SET LOCAL ROLE role`` with transaction-local settings."""
+def as_role(
+    pg: psycopg.Connection, role: str | None, **settings: str
+) -> Iterator[psycopg.Connection]:
+    """A transaction under ``SET LOCAL ROLE role`` (None: the superuser) with local settings."""
     with pg.transaction():
         for name, value in settings.items():
             pg.execute("SELECT set_config(%s, %s, true)", (name.replace("__", "."), value))
-        pg.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+        if role is not None:
+            pg.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
         yield pg
 
 
@@ -171,10 +174,9 @@ def test_a_running_run_id_under_another_role_is_rejected(
 
     with (
         pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
-        pg.transaction(),
+        as_role(pg, None, derive__run_id=run_id) as conn,  # the superuser that owns the table
     ):
-        pg.execute("SELECT set_config('derive.run_id', %s, true)", (run_id,))
-        pg.execute(WRITES["update"])  # as the superuser that owns the table
+        conn.execute(WRITES["update"])
 
     assert stored_states(pg) == state_row
 
@@ -184,11 +186,11 @@ def test_truncate_of_audience_state_is_rejected(
     pg: psycopg.Connection, state_row: list[tuple[str, str]], role: str | None
 ) -> None:
     run_id = start_run(pg)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege), pg.transaction():
-        pg.execute("SELECT set_config('derive.run_id', %s, true)", (run_id,))
-        if role is not None:
-            pg.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
-        pg.execute(WRITES["truncate"])
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+        as_role(pg, role, derive__run_id=run_id) as conn,
+    ):
+        conn.execute(WRITES["truncate"])
 
     assert stored_states(pg) == state_row
 
