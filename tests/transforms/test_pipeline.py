@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
@@ -143,6 +144,19 @@ def test_counts_and_distributions() -> None:
     assert result.state_changes == 2
 
 
+@pytest.mark.parametrize(("days", "expected"), [(8, "S3"), (44, "S3"), (45, "S2")])
+def test_stored_state_persists_until_a_retention_rule_applies(days: int, expected: str) -> None:
+    # No event within 7 days, so G1's checks would fail; the stored S3 is kept, not recomputed.
+    events = make_events(event_type=["content_view"], created_at=[ago(days)])
+    stored = make_stored(current_state=["S3"], last_activity_at=[ago(days)])
+
+    result = derive(events, stored)
+
+    assert metric(result, uid(1), "active_7d") == 0
+    assert metric(result, uid(1), "new_state") == expected
+    assert result.audit.height == (0 if expected == "S3" else 1)
+
+
 def test_empty_inputs_derive_nothing() -> None:
     result = derive(no_events(), no_stored())
 
@@ -237,7 +251,7 @@ def apply_writes(stored: pl.DataFrame, result: Derivation) -> pl.DataFrame:
         )
     )
     untouched = stored.join(written, on="user_id", how="anti")
-    return pl.concat([untouched, written.cast(dict(STORED_STATES))]).sort("user_id")
+    return pl.concat([untouched, written.cast(STORED_STATES)]).sort("user_id")
 
 
 @settings(max_examples=60, deadline=None)
