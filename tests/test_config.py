@@ -1,0 +1,269 @@
+"""Durations, timestamps and the rules file: accepted forms, and errors that name the bad value."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from derive.config import (
+    DURATION_FORMS,
+    format_duration,
+    load_rules,
+    parse_duration,
+    parse_timestamp,
+)
+from derive.errors import ConfigError, UsageError
+from derive.rules import canonical_rules_path
+
+# -- durations -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("120d", timedelta(days=120)),
+        ("36h", timedelta(hours=36)),
+        ("15m", timedelta(minutes=15)),
+        ("90s", timedelta(seconds=90)),
+        ("1s", timedelta(seconds=1)),
+        (" 7d ", timedelta(days=7)),
+    ],
+)
+def test_parse_duration_accepts_whole_units(text: str, expected: timedelta) -> None:
+    result = parse_duration(text)
+
+    assert result == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["0d", "1w", "", "12", "-3d", "1.5h", "d", "10 days", "120D", "3d4h", "0s", "1 2d"]
+)
+def test_parse_duration_rejects_anything_else_naming_value_and_forms(text: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_duration(text)
+
+    assert repr(text) in str(caught.value)
+    assert DURATION_FORMS in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize("text", ["120d", "36h", "15m", "90s"])
+def test_format_duration_inverts_parse_duration(text: str) -> None:
+    result = format_duration(parse_duration(text))
+
+    assert result == text
+
+
+# -- timestamps ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-22T08:00:00Z", datetime(2026, 11, 22, 8, tzinfo=UTC)),
+        ("2026-11-22T08:00:00", datetime(2026, 11, 22, 8, tzinfo=UTC)),
+        ("2026-11-22", datetime(2026, 11, 22, tzinfo=UTC)),
+        (
+            "2026-11-22T10:00:00+02:00",
+            datetime(2026, 11, 22, 10, tzinfo=timezone(timedelta(hours=2))),
+        ),
+        ("2026-11-22T08:00:00.123456Z", datetime(2026, 11, 22, 8, 0, 0, 123456, tzinfo=UTC)),
+    ],
+)
+def test_parse_timestamp_reads_iso_8601_and_defaults_to_utc(text: str, expected: datetime) -> None:
+    result = parse_timestamp(text)
+
+    assert result == expected
+    assert result.utcoffset() == expected.utcoffset()
+
+
+@pytest.mark.parametrize("text", ["yesterday", "", "22/11/2026", "2026-13-01", "now"])
+def test_parse_timestamp_rejects_other_text_with_an_example(text: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_timestamp(text)
+
+    assert repr(text) in str(caught.value)
+    assert "ISO-8601" in str(caught.value)
+
+
+# -- rules ---------------------------------------------------------------------------------------------
+
+CANONICAL = canonical_rules_path().read_text(encoding="utf-8")
+
+
+def test_canonical_rules_load() -> None:
+    rules = load_rules()
+
+    assert rules.version == "2026.11.1"
+    assert [g.id for g in rules.gates] == ["G1", "G2", "G3", "G4", "G5"]
+    assert [d.id for d in rules.downgrades] == ["R3", "R2", "R1"]
+    assert rules.weights["email_subscribe"] == 6
+    assert rules.event_category["content_view"] == "engagement"
+    assert rules.dedupe_window == timedelta(seconds=3)
+    assert rules.spike_max_events_per_hour == 500
+    assert rules.min_duration_seconds == 20
+    assert rules.min_scroll_depth_percent == 30
+    assert len(rules.sha256) == 64
+
+
+def test_a_copied_canonical_file_loads_equal(tmp_path: Path) -> None:
+    copy = tmp_path / "rules.toml"
+    copy.write_text(CANONICAL, encoding="utf-8")
+
+    result = load_rules(copy)
+
+    assert result == load_rules()
+
+
+def write_with(tmp_path: Path, old: str, new: str, *, count: int = 1) -> Path:
+    """The canonical file with the ``count``-th occurrence of ``old`` replaced by ``new``."""
+    parts = CANONICAL.split(old)
+    assert len(parts) > count, f"{old!r} occurs fewer than {count} times in the canonical rules"
+    text = old.join(parts[:count]) + new + old.join(parts[count:])
+    path = tmp_path / "rules.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "count", "key", "value"),
+    [
+        pytest.param(
+            '{ metric = "repeat_30d", op = ">=", value = 1 }',
+            '{ metric = "repeat_31d", op = ">=", value = 1 }',
+            1,
+            "gates[1].clauses[0][0].metric",
+            "repeat_31d",
+            id="unknown-metric-in-gate",
+        ),
+        pytest.param(
+            "window_seconds = 3",
+            'window_seconds = "x"',
+            1,
+            "dedupe.window_seconds",
+            "'x'",
+            id="non-numeric-dedupe-window",
+        ),
+        pytest.param(
+            'categories = ["advocacy"]',
+            'categories = ["advocacy", "telemetry"]',
+            1,
+            "metrics.advocacy_60d.categories",
+            "telemetry",
+            id="unknown-metric-category",
+        ),
+        pytest.param(
+            'event_types = ["repeat_session_30d"]',
+            'event_types = ["repeat_session_31d"]',
+            1,
+            "metrics.repeat_30d.event_types",
+            "repeat_session_31d",
+            id="unknown-metric-event-type",
+        ),
+        pytest.param(
+            '{ metric = "deep_7d", op = ">=", value = 1 }',
+            '{ metric = "deep_7d", op = "=>", value = 1 }',
+            1,
+            "gates[0].clauses[0][0].op",
+            "=>",
+            id="bad-operator",
+        ),
+        pytest.param(
+            "inactivity_days = 75",
+            "inactivity_days = -1",
+            1,
+            "downgrades[0].inactivity_days",
+            "-1",
+            id="negative-inactivity",
+        ),
+        pytest.param(
+            "content_share = 5",
+            'content_share = "five"',
+            1,
+            "catalog.advocacy.content_share",
+            "five",
+            id="non-numeric-weight",
+        ),
+        pytest.param(
+            'to = "S2"',
+            'to = "S3"',
+            1,
+            "gates[1].to",
+            "S3",
+            id="gate-skips-a-state",
+        ),
+        pytest.param(
+            "spike_max_events_per_hour = 500",
+            "spike_max_events_per_hour = 0",
+            1,
+            "failsafe.spike_max_events_per_hour",
+            "0",
+            id="zero-spike-limit",
+        ),
+        pytest.param(
+            "min_pass = 2",
+            "min_pass = 5",
+            1,
+            "gates[4].min_pass",
+            "5",
+            id="min-pass-too-large",
+        ),
+        pytest.param(
+            'kind = "sessions"',
+            'kind = "distinct"',
+            1,
+            "metrics.sessions_30d.kind",
+            "distinct",
+            id="unknown-metric-kind",
+        ),
+        pytest.param(
+            'event_type = "content_view"',
+            'event_type = "page_view"',
+            1,
+            "qualification.event_type",
+            "page_view",
+            id="unknown-qualified-type",
+        ),
+    ],
+)
+def test_a_bad_rules_file_names_the_key_and_the_value(
+    tmp_path: Path, old: str, new: str, count: int, key: str, value: str
+) -> None:
+    path = write_with(tmp_path, old, new, count=count)
+
+    with pytest.raises(ConfigError) as caught:
+        load_rules(path)
+
+    message = str(caught.value)
+    assert repr(key) in message
+    assert value in message
+    assert str(path) in message
+    assert caught.value.exit_code == 2
+
+
+def test_a_missing_rules_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+
+    with pytest.raises(ConfigError, match="cannot read rules file"):
+        load_rules(missing)
+
+
+def test_a_rules_file_that_is_not_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text("version = \n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_rules(path)
+
+
+def test_the_rules_hash_changes_with_the_file(tmp_path: Path) -> None:
+    path = write_with(
+        tmp_path, "spike_max_events_per_hour = 500", "spike_max_events_per_hour = 400"
+    )
+
+    result = load_rules(path)
+
+    assert result.sha256 != load_rules().sha256
+    assert result.spike_max_events_per_hour == 400
