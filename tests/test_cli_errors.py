@@ -1,0 +1,130 @@
+"""The console script's failures: one clear line, the right exit code, never a traceback or password."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from derive.config import DURATION_FORMS
+from derive.rules import canonical_rules_path
+
+BAD_DSN = "postgresql://u:secret@127.0.0.1:1/x"
+
+
+def derive(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "derive.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "120", "NO_COLOR": "1"},
+    )
+
+
+def plain(text: str) -> str:
+    """Output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("db", "check", "--dsn", BAD_DSN),
+        ("db", "migrate", "--dsn", BAD_DSN),
+        ("demo-data", "--users", "5", "--dsn", BAD_DSN),
+        ("run", "--dsn", BAD_DSN),
+    ],
+)
+def test_a_bad_dsn_is_one_line_naming_the_host_not_the_password(args: tuple[str, ...]) -> None:
+    result = derive(*args)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1
+    assert "127.0.0.1" in lines[0]
+    assert "secret" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["1w", "12", "0d", "-3d", "yesterday", ""])
+def test_a_bad_duration_exits_2_showing_the_accepted_forms(value: str) -> None:
+    result = derive("run", f"--lookback={value}", "--dsn", BAD_DSN)
+
+    assert result.returncode == 2
+    assert DURATION_FORMS in plain(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["demo-data", "run"])
+def test_a_bad_timestamp_exits_2_showing_the_accepted_form(command: str) -> None:
+    result = derive(command, "--as-of", "yesterday", "--dsn", BAD_DSN)
+
+    assert result.returncode == 2
+    assert "'yesterday'" in plain(result.stderr)
+    assert "ISO-8601" in plain(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_rules_file_exits_2_naming_the_key_and_value(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    text = canonical_rules_path().read_text(encoding="utf-8")
+    rules.write_text(text.replace("window_seconds = 3", 'window_seconds = "x"'), encoding="utf-8")
+
+    result = derive("demo-data", "--users", "5", "--rules", str(rules), "--dsn", BAD_DSN)
+
+    assert result.returncode == 2
+    assert "'dedupe.window_seconds'" in result.stderr
+    assert "'x'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_rules_file_exits_2(tmp_path: Path) -> None:
+    result = derive("demo-data", "--rules", str(tmp_path / "none.toml"), "--dsn", BAD_DSN)
+
+    assert result.returncode == 2
+    assert "none.toml" in result.stderr
+
+
+def test_db_check_exits_1_when_rls_is_disabled(dsn: str, pg: psycopg.Connection) -> None:
+    pg.execute("ALTER TABLE audience_state DISABLE ROW LEVEL SECURITY")
+
+    result = derive("db", "check", "--dsn", dsn)
+
+    assert result.returncode == 1
+    assert "FAIL  RLS enabled and forced on audience_state" in result.stdout
+
+
+def test_demo_data_loads_and_reports_counts(dsn: str, pg: psycopg.Connection) -> None:
+    result = derive(
+        "demo-data",
+        "--users",
+        "50",
+        "--seed",
+        "3",
+        "--as-of",
+        "2026-11-22T08:00:00Z",
+        "--dsn",
+        dsn,
+        "--json",
+    )
+
+    stored = pg.execute(
+        "SELECT count(*), count(*) FILTER (WHERE user_id IS NULL),"
+        " count(DISTINCT user_id), max(created_at) <= '2026-11-22T08:00:00Z' FROM audience_events"
+    ).fetchone()
+    users = pg.execute("SELECT count(*) FROM users").fetchone()
+    assert result.returncode == 0, result.stderr
+    assert '"users": 50' in result.stdout
+    assert stored is not None
+    assert f'"events": {stored[0]}' in result.stdout
+    assert f'"anonymous": {stored[1]}' in result.stdout
+    assert stored[2] == 50
+    assert stored[3] is True
+    assert users == (50,)
