@@ -1,0 +1,198 @@
+"""``derive status``: runs, states, rejections, lag, and an exit code monitoring can use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from derive.errors import LockBusy
+from derive.io.connect import connect
+from derive.io.runlog import job_run
+from derive.jobs.derivation import JOB
+from tests.db.helpers import event, insert_events, run, uid
+
+NOW = datetime.now(UTC)
+
+
+def derive(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "derive.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "160", "NO_COLOR": "1"},
+    )
+
+
+def status(dsn: str, *extra: str) -> tuple[int, dict[str, object]]:
+    result = derive("status", "--dsn", dsn, "--json", *extra)
+    assert result.stderr == ""
+    return result.returncode, json.loads(result.stdout)
+
+
+def successful_run(dsn: str, pg: psycopg.Connection) -> None:
+    insert_events(pg, [event(1, "scroll_depth_75", "engagement", as_of=NOW)])
+    run(dsn, as_of=NOW)
+
+
+def failed_run(dsn: str, message: str) -> None:
+    with connect(dsn) as db, pytest.raises(RuntimeError):
+        with job_run(db, job=JOB, as_of=NOW, lookback=timedelta(days=120)):
+            raise RuntimeError(message)
+
+
+def test_status_is_healthy_after_a_successful_run(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+
+    code, payload = status(dsn)
+
+    assert code == 0
+    assert payload["healthy"] is True
+    assert payload["problems"] == []
+    assert payload["states"] == {"S0": 0, "S1": 1, "S2": 0, "S3": 0, "S4": 0, "S5": 0}
+    runs = payload["runs"]
+    assert isinstance(runs, list)
+    assert [r["status"] for r in runs] == ["succeeded"]
+    assert runs[0]["users_changed"] == 1
+    assert runs[0]["scope"] == "all"
+
+
+def test_status_reflects_a_failed_run_and_exits_non_zero(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+    failed_run(dsn, "disk full")
+
+    code, payload = status(dsn)
+
+    assert code == 1
+    assert payload["healthy"] is False
+    problems = payload["problems"]
+    assert isinstance(problems, list)
+    assert len(problems) == 1
+    assert "failed: RuntimeError: disk full" in problems[0]
+    runs = payload["runs"]
+    assert isinstance(runs, list)
+    assert [r["status"] for r in runs] == ["failed", "succeeded"]
+    assert runs[0]["error"] == "RuntimeError: disk full"
+
+
+def test_status_table_names_the_failure(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+    failed_run(dsn, "disk full")
+
+    result = derive("status", "--dsn", dsn)
+
+    assert result.returncode == 1
+    assert "UNHEALTHY" in result.stdout
+    assert "RuntimeError: disk full" in result.stdout
+
+
+def test_a_later_success_clears_the_failure(dsn: str, pg: psycopg.Connection) -> None:
+    failed_run(dsn, "disk full")
+    successful_run(dsn, pg)
+
+    code, payload = status(dsn)
+
+    assert code == 0
+    assert payload["problems"] == []
+
+
+def test_a_skipped_run_is_not_a_failure(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+    with connect(dsn) as holder, job_run(holder, job=JOB, as_of=NOW, record=False):
+        with pytest.raises(LockBusy):
+            run(dsn, as_of=NOW)
+
+    code, payload = status(dsn)
+
+    assert code == 0
+    runs = payload["runs"]
+    assert isinstance(runs, list)
+    assert [r["status"] for r in runs] == ["skipped", "succeeded"]
+
+
+@pytest.mark.parametrize(
+    ("finished_ago", "max_lag", "expected_code"),
+    [
+        (timedelta(minutes=29), "30m", 0),
+        (timedelta(minutes=31), "30m", 1),
+        (timedelta(hours=5), "6h", 0),
+    ],
+)
+def test_status_exits_one_when_the_lag_exceeds_max_lag(
+    dsn: str,
+    pg: psycopg.Connection,
+    finished_ago: timedelta,
+    max_lag: str,
+    expected_code: int,
+) -> None:
+    successful_run(dsn, pg)
+    pg.execute(
+        "UPDATE derivation_runs SET started_at = clock_timestamp() - %s - interval '1 second',"
+        " finished_at = clock_timestamp() - %s",
+        (finished_ago, finished_ago),
+    )
+
+    code, payload = status(dsn, "--max-lag", max_lag)
+
+    assert code == expected_code
+    lag = payload["lag_seconds"]
+    assert isinstance(lag, float)
+    assert finished_ago.total_seconds() <= lag < finished_ago.total_seconds() + 60
+    if expected_code:
+        assert "more than --max-lag 30m" in str(payload["problems"])
+
+
+def test_no_successful_run_yet_is_unhealthy(dsn: str) -> None:
+    code, payload = status(dsn)
+
+    assert code == 1
+    assert payload["problems"] == ["no full derive run has succeeded yet"]
+    assert payload["lag_seconds"] is None
+
+
+def test_user_subset_runs_do_not_reset_the_lag(dsn: str, pg: psycopg.Connection) -> None:
+    insert_events(pg, [event(1, "scroll_depth_75", "engagement", as_of=NOW)])
+    run(dsn, as_of=NOW, users=[str(uid(1))])
+
+    code, payload = status(dsn)
+
+    assert code == 1
+    assert payload["problems"] == ["no full derive run has succeeded yet"]
+    assert payload["last_any_success"] is not None
+    runs = payload["runs"]
+    assert isinstance(runs, list)
+    assert runs[0]["scope"] == "1 users"
+
+
+def test_rejections_are_counted_by_reason_over_24_hours_and_7_days(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    rows = [
+        (uid(7), timedelta(hours=1), ["consent_missing", "volume_spike"]),
+        (uid(8), timedelta(hours=23, minutes=59), ["consent_missing"]),
+        (uid(8), timedelta(hours=24, minutes=1), ["consent_missing"]),
+        (uid(9), timedelta(days=6, hours=23), ["volume_spike"]),
+        (uid(9), timedelta(days=7, minutes=1), ["volume_spike"]),
+    ]
+    for user, ago, reasons in rows:
+        pg.execute(
+            "INSERT INTO audience_events (created_at, user_id, event_type, event_category, metadata)"
+            " VALUES (clock_timestamp() - %s, %s, 'validation_fail', 'system',"
+            " jsonb_build_object('reasons', %s::jsonb, 'reasons_key', %s::text))",
+            (ago, user, json.dumps(reasons), ",".join(reasons)),
+        )
+
+    code, payload = status(dsn)
+
+    assert code == 0
+    assert payload["rejections"] == [
+        {"reason": "consent_missing", "last_24h": 2, "last_7d": 3, "users_7d": 2},
+        {"reason": "volume_spike", "last_24h": 1, "last_7d": 2, "users_7d": 2},
+    ]
