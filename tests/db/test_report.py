@@ -1,0 +1,208 @@
+"""``derive report``: a self-contained HTML dashboard that renders in a real headless browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from derive.config import load_rules
+from derive.io.connect import connect
+from derive.jobs.demo import load_demo_data
+from derive.jobs.derivation import run_derivation
+from derive.jobs.report import SECTIONS, collect_report, nice_ticks, write_report
+from derive.transforms.report import state_funnel, transition_totals, transitions_by_day
+
+AS_OF = datetime(2026, 6, 30, tzinfo=UTC)
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+)
+
+
+@pytest.fixture
+def dashboard_dsn(dsn: str) -> str:
+    """Demo data (with dirt, so there are rejections) derived at three daily as-of points."""
+    rules = load_rules()
+    with connect(dsn) as db:
+        load_demo_data(db, users=200, as_of=AS_OF, rules=rules, seed=3, dirty=True)
+        for days_before in (2, 1, 0):
+            run_derivation(
+                db,
+                as_of=AS_OF - timedelta(days=days_before),
+                lookback=timedelta(days=120),
+                rules=rules,
+            )
+    return dsn
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium")
+    assert binary is not None, "chromium is required: apt-get install -y chromium"
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    return subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def console_messages(stderr: str) -> list[str]:
+    """Lines chromium logs for the page's console (errors, failed loads, exceptions)."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+def write(dsn: str, path: Path, *, days: int = 30) -> Path:
+    with connect(dsn) as db:
+        data = collect_report(db, as_of=AS_OF, days=days)
+    write_report(data, path)
+    return path
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(
+    dashboard_dsn: str, tmp_path: Path
+) -> None:
+    page = write(dashboard_dsn, tmp_path / "report.html")
+
+    dumped = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
+    shot = tmp_path / "report.png"
+    captured = chromium(
+        tmp_path, "--window-size=1100,2600", f"--screenshot={shot}", page.as_uri()
+    )
+
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    assert console_messages(dumped.stderr) == []
+    for anchor, title in SECTIONS:
+        assert f'id="{anchor}"' in dumped.stdout
+        assert f"<h2>{title}</h2>" in dumped.stdout
+    assert dumped.stdout.count("<svg") == 4
+    assert captured.returncode == 0, captured.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 50_000
+
+
+def test_report_is_self_contained(dashboard_dsn: str, tmp_path: Path) -> None:
+    text = write(dashboard_dsn, tmp_path / "report.html").read_text()
+
+    svgs = re.findall(r"<svg.*?</svg>", text, flags=re.DOTALL)
+    assert len(svgs) == 4
+    for svg in svgs:
+        ET.fromstring(svg)  # well-formed XML, or this raises
+    assert "<script" not in text
+    assert "<link" not in text
+    assert " src=" not in text
+    assert re.findall(r"https?://[^\"' ]+", text) == ["http://www.w3.org/2000/svg"] * 4
+
+
+def test_report_shows_the_stored_funnel_and_the_rejected_users(
+    dashboard_dsn: str, tmp_path: Path
+) -> None:
+    with connect(dashboard_dsn) as db:
+        data = collect_report(db, as_of=AS_OF, days=30)
+        stored = db.fetch_df("SELECT current_state, count(*) AS users FROM audience_state GROUP BY 1")
+        rejected = db.fetch_all(
+            "SELECT user_id::text, count(*) FROM audience_events"
+            " WHERE event_type = 'validation_fail' GROUP BY 1"
+        )
+    write_report(data, tmp_path / "r.html")
+
+    text = (tmp_path / "r.html").read_text()
+
+    by_state = dict(stored.iter_rows())
+    assert dict(data.funnel.select("state", "users").iter_rows()) == {
+        s: by_state.get(s, 0) for s in ("S0", "S1", "S2", "S3", "S4", "S5")
+    }
+    assert data.funnel.item(0, "reached") == sum(by_state.values())
+    assert len(rejected) > 0
+    assert dict(data.top_rejected.select("user_id", "rejections").iter_rows()) == dict(rejected)
+    for user, _ in rejected:
+        assert user in text
+    assert data.transitions.height == 31
+    assert data.transitions.get_column("first_seen").sum() == sum(by_state.values())
+    assert "consent_missing" in data.reasons
+    assert data.runs.get_column("series").to_list() == ["full run"] * 3
+
+
+def test_report_on_an_empty_database_says_so(dsn: str, tmp_path: Path) -> None:
+    text = write(dsn, tmp_path / "empty.html").read_text()
+
+    assert "no stored states yet" in text
+    assert "no data in this window" in text
+    assert "no rejections logged in this window" in text
+    assert "no finished runs" in text
+    assert "no rejected users in this window" in text
+
+
+@pytest.mark.parametrize(
+    ("maximum", "expected"),
+    [
+        (0, [0.0, 1.0]),
+        (1, [0.0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0]),
+        (7, [0.0, 2.0, 4.0, 6.0, 8.0]),
+        (10, [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]),
+        (11, [0.0, 5.0, 10.0, 15.0]),
+        (293, [0.0, 100.0, 200.0, 300.0]),
+    ],
+)
+def test_nice_ticks_cover_the_maximum_in_round_steps(maximum: float, expected: list[float]) -> None:
+    assert nice_ticks(maximum) == expected
+
+
+def test_state_funnel_counts_users_who_reached_each_state() -> None:
+    distribution = pl.LazyFrame({"current_state": ["S0", "S2", "S5"], "users": [5, 3, 2]})
+
+    result = state_funnel(distribution).collect()
+
+    expected = pl.DataFrame(
+        {
+            "state": ["S0", "S1", "S2", "S3", "S4", "S5"],
+            "users": [5, 0, 3, 0, 0, 2],
+            "reached": [10, 5, 5, 2, 2, 2],
+            "share_reached": [1.0, 0.5, 0.5, 0.2, 0.2, 0.2],
+        }
+    )
+    assert_frame_equal(result, expected)
+
+
+def test_transitions_by_day_classifies_steps_and_fills_quiet_days() -> None:
+    daily = pl.LazyFrame(
+        {
+            "day": [datetime(2026, 1, 2), datetime(2026, 1, 2), datetime(2026, 1, 4)],
+            "prior_state": ["", "S0", "S3"],
+            "new_state": ["S0", "S1", "S2"],
+            "n": [4, 2, 1],
+        }
+    )
+
+    result = transitions_by_day(daily, start=date(2026, 1, 1), end=date(2026, 1, 4)).collect()
+    totals = transition_totals(daily).collect()
+
+    expected = pl.DataFrame(
+        {
+            "day": [date(2026, 1, d) for d in (1, 2, 3, 4)],
+            "first_seen": [0, 4, 0, 0],
+            "upgrade": [0, 2, 0, 0],
+            "downgrade": [0, 0, 0, 1],
+        }
+    )
+    assert_frame_equal(result, expected)
+    assert totals.rows() == [
+        ("new → S0", "first_seen", 4),
+        ("S0 → S1", "upgrade", 2),
+        ("S3 → S2", "downgrade", 1),
+    ]
