@@ -345,18 +345,17 @@ def read_rollup_input(db: Db, *, as_of_iso: str) -> RollupInput:
     return result
 
 
-def write_rollup(db: Db, plan: pl.DataFrame, parts: pl.DataFrame) -> dict[str, int]:
+def write_rollup(db: Db, plan: pl.DataFrame) -> dict[str, int]:
     """Apply a rollup plan inside the caller's transaction. Returns rows written and touched.
 
-    ``write`` rows are upserted with their breakdown (rebuilt from ``parts`` in SQL, surfaces in
-    byte order like the transform); the ``WHERE ... IS DISTINCT FROM`` keeps an unchanged row
-    untouched. ``touch`` rows only get their new ``stale_after``. ``final`` maps to 'infinity',
-    which Arrow cannot carry.
+    ``write`` rows are upserted (the breakdown arrives as JSON text); the
+    ``WHERE ... IS DISTINCT FROM`` keeps an unchanged row untouched. ``touch`` rows only get their
+    new ``stale_after``. ``final`` maps to 'infinity', which Arrow cannot carry.
     """
     if plan.is_empty():
         return {"written": 0, "touched": 0}
+    db.execute("SELECT set_config('work_mem', '256MB', true)")
     _fresh_temp(db, "derive_rollup_plan", plan)
-    _fresh_temp(db, "derive_rollup_parts", parts)
     written = db.fetch_value(
         """
         WITH up AS (
@@ -365,18 +364,10 @@ def write_rollup(db: Db, plan: pl.DataFrame, parts: pl.DataFrame) -> dict[str, i
                  computed_at, stale_after)
           SELECT encode(r.user_id, 'hex')::uuid, encode(r.org_id, 'hex')::uuid,
                  r.metric_kind::surface_metric_kind, r.window_start, r.window_end,
-                 (r.value_e4::numeric / 10000)::numeric(18, 4), r.currency, p.surfaces,
-                 p.breakdown, r.computed_at,
+                 (r.value_e4::numeric / 10000)::numeric(18, 4), r.currency,
+                 r.surfaces_included, r.surface_breakdown::jsonb, r.computed_at,
                  CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
             FROM pg_temp.derive_rollup_plan r
-            JOIN (SELECT user_id, metric_kind, window_start, window_end,
-                         array_agg(surface ORDER BY surface COLLATE "C") AS surfaces,
-                         jsonb_object_agg(surface, trim_scale(value_e4::numeric / 10000))
-                           AS breakdown
-                    FROM pg_temp.derive_rollup_parts
-                   GROUP BY user_id, metric_kind, window_start, window_end) p
-              ON p.user_id = r.user_id AND p.metric_kind = r.metric_kind
-             AND p.window_start = r.window_start AND p.window_end = r.window_end
            WHERE r.action = 'write'
           ON CONFLICT (user_id, metric_kind, window_start, window_end) DO UPDATE
              SET org_id = EXCLUDED.org_id, value_numeric = EXCLUDED.value_numeric,
@@ -409,5 +400,4 @@ def write_rollup(db: Db, plan: pl.DataFrame, parts: pl.DataFrame) -> dict[str, i
         """
     )
     db.execute("DROP TABLE pg_temp.derive_rollup_plan")
-    db.execute("DROP TABLE pg_temp.derive_rollup_parts")
     return {"written": int(written), "touched": int(touched)}

@@ -73,7 +73,7 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
         with run.phase("compute"):
             latest = latest_per_surface(_shaped(data.sources, SOURCES))
             aggregates, parts = aggregate_across_surfaces(latest, rules=rules)
-            plan_lf, write_parts_lf = plan_rollup(
+            plan_lf = plan_rollup(
                 aggregates,
                 parts,
                 _shaped(data.stored, STORED),
@@ -81,11 +81,11 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
                 as_of=as_of,
                 rules=rules,
             )
-            plan, write_parts, not_aggregated, latest_n = pl.collect_all(
-                [plan_lf, write_parts_lf, skipped(aggregates), latest.select(pl.len())]
+            plan, not_aggregated, latest_n = pl.collect_all(
+                [plan_lf, skipped(aggregates), latest.select(pl.len())]
             )
         with run.phase("write"), db.transaction(role="service_role"):
-            written = write_rollup(db, plan, write_parts)
+            written = write_rollup(db, plan)
         outcomes = dict(plan.group_by("outcome").len().iter_rows())
         reasons = dict(not_aggregated.group_by("status").len().iter_rows())
         run.counts = {

@@ -88,7 +88,8 @@ AGGREGATES = pl.Schema(
 #: One row per (aggregate, surface) of the breakdown.
 PARTS = STORED_PARTS
 
-#: What the write does per key: ``write`` (insert or recompute) or ``touch`` (new stale_after only).
+#: What the write does per key: ``write`` (insert or recompute, with the surfaces and the
+#: breakdown as JSON text) or ``touch`` (new stale_after only; surfaces and breakdown null).
 PLAN = pl.Schema(
     {
         "user_id": UUID,
@@ -103,6 +104,8 @@ PLAN = pl.Schema(
         "final": pl.Boolean(),
         "stale_after": TS,
         "computed_at": TS,
+        "surfaces_included": pl.List(pl.String()),
+        "surface_breakdown": pl.String(),
     }
 )
 
@@ -250,6 +253,38 @@ def stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules)
     return expr
 
 
+def decimal_text(value_e4: pl.Expr, /) -> pl.Expr:
+    """``value_e4`` as the shortest exact decimal text (``1234500`` -> ``123.45``)."""
+    magnitude = value_e4.abs()
+    fraction = (magnitude % 10_000).cast(pl.String).str.zfill(4).str.strip_chars_end("0")
+    return pl.concat_str(
+        pl.when(value_e4 < 0).then(pl.lit("-")).otherwise(pl.lit("")),
+        (magnitude // 10_000).cast(pl.String),
+        pl.when(fraction.str.len_chars() > 0).then(pl.lit(".") + fraction).otherwise(pl.lit("")),
+    )
+
+
+def breakdown_json(parts: pl.LazyFrame, /) -> pl.LazyFrame:
+    """One ``{surface: value}`` JSON object per key, surfaces in byte order.
+
+    Surface names are escaped by the JSON encoder (a one-field struct, unwrapped), so any text is
+    safe; values are exact decimals.
+    """
+    name = (
+        pl.struct(pl.col("surface"))
+        .struct.json_encode()
+        .str.strip_prefix('{"surface":')
+        .str.strip_suffix("}")
+    )
+    member = pl.concat_str(name, pl.lit(": "), decimal_text(pl.col("value_e4")))
+    return (
+        parts.sort([*KEY, "surface"])
+        .group_by(KEY, maintain_order=True)
+        .agg(surface_breakdown=member.str.join(", "))
+        .with_columns(surface_breakdown=pl.lit("{") + pl.col("surface_breakdown") + pl.lit("}"))
+    )
+
+
 def plan_rollup(
     aggregates: pl.LazyFrame,
     parts: pl.LazyFrame,
@@ -259,7 +294,7 @@ def plan_rollup(
     *,
     as_of: datetime,
     rules: MetricsRules,
-) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+) -> pl.LazyFrame:
     """Diff the computed aggregates against the stored aggregates that are due.
 
     ``aggregates`` covers only keys without a fresh aggregate (missing or due), ``stored`` only
@@ -270,7 +305,7 @@ def plan_rollup(
     never touched.
 
     Returns:
-        ``(plan, write_parts)``: :data:`PLAN` rows and the breakdown of the ``write`` rows.
+        :data:`PLAN` rows.
     """
     new_cols = ["org_id", "value_e4", "currency", "surfaces_included"]
     joined = aggregates.join(
@@ -297,6 +332,7 @@ def plan_rollup(
         .then(pl.lit("refreshed"))
     )
     due = stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
+    writes = pl.col("action") == "write"
     plan = (
         joined.join(part_changed, on=KEY, how="left")
         .with_columns(pl.col("part_changed").fill_null(False))
@@ -319,13 +355,14 @@ def plan_rollup(
             final=pl.col("stale_after").is_null(),
             stale_after="stale_after",
             computed_at=pl.lit(as_of, TS),
+            surfaces_included=pl.when(writes).then(pl.col("surfaces_included")),
         )
+    )
+    return (
+        plan.join(breakdown_json(parts), on=KEY, how="left")
+        .with_columns(surface_breakdown=pl.when(writes).then(pl.col("surface_breakdown")))
         .cast(PLAN)
     )
-    write_parts = parts.join(
-        plan.filter(pl.col("action") == "write").select(KEY), on=KEY, how="semi"
-    )
-    return plan, write_parts
 
 
 def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from derive.transforms.rollup import (
     STORED_PARTS,
     TS,
     aggregate_across_surfaces,
+    breakdown_json,
+    decimal_text,
     latest_per_surface,
     plan_rollup,
     stale_after,
@@ -276,7 +279,7 @@ def plan(
     aggs, parts = aggregate_across_surfaces(latest_per_surface(sources(*rows)), rules=RULES)
     headers = pl.LazyFrame([h for h, _ in stored_rows], schema=STORED)
     stored_parts = pl.LazyFrame([p for _, ps in stored_rows for p in ps], schema=STORED_PARTS)
-    result, _ = plan_rollup(aggs, parts, headers, stored_parts, as_of=AS_OF, rules=RULES)
+    result = plan_rollup(aggs, parts, headers, stored_parts, as_of=AS_OF, rules=RULES)
     return result.collect().sort("metric_kind")
 
 
@@ -355,3 +358,32 @@ def test_rules_file_rejects_cadence_bands_out_of_order(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"cadence\[1\]\.max_age"):
         load_metrics_rules(bad)
+
+
+@pytest.mark.parametrize(
+    ("value_e4", "text"),
+    [(1_200_000, "120"), (1_234_500, "123.45"), (1, "0.0001"), (-25_000, "-2.5"), (0, "0")],
+)
+def test_decimal_text_is_exact_and_short(value_e4: int, text: str) -> None:
+    result = pl.select(decimal_text(pl.lit(value_e4, pl.Int64))).item()
+
+    assert result == text
+
+
+def test_breakdown_json_escapes_surface_names_and_sorts_them() -> None:
+    parts = pl.LazyFrame(
+        {
+            "user_id": [U1] * 3,
+            "metric_kind": ["profile_view"] * 3,
+            "window_start": [W0] * 3,
+            "window_end": [W1] * 3,
+            "surface": ['we"ird\\', "a", "B"],
+            "value_e4": [15_000, 10_000, -1],
+        },
+        schema=PARTS,
+    )
+
+    result = breakdown_json(parts).collect()["surface_breakdown"].item()
+
+    assert json.loads(result) == {'we"ird\\': 1.5, "a": 1, "B": -0.0001}
+    assert list(json.loads(result)) == ["B", "a", 'we"ird\\']
