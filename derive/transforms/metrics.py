@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from derive.config import MetricDef, Rules
+from derive.transforms.dedupe import uuid_key
 
 #: Columns every user gets besides the rules' metrics.
 LAST_EVENT_TYPE = "last_event_type"
@@ -72,8 +73,18 @@ def user_metrics(events: pl.LazyFrame, /, *, as_of: datetime, rules: Rules) -> p
     ``last_event_type`` is the type of the latest event, ties broken by id (SPEC §2.5).
     """
     latest = pl.col("created_at").max()
-    return events.group_by("user_id").agg(
-        *[metric_expr(m, rules, as_of) for m in rules.metrics],
-        pl.col("event_type").sort_by(["created_at", "id"]).last().alias(LAST_EVENT_TYPE),
-        latest.alias(LATEST_EVENT_AT),
+    at_latest = pl.col("created_at") == latest
+    return (
+        events.group_by(uuid_key("user_id").alias("_user"))
+        .agg(
+            pl.col("user_id").first(),
+            *[metric_expr(m, rules, as_of) for m in rules.metrics],
+            # The latest event's type; among events at the same instant, the greatest id.
+            pl.col("event_type")
+            .filter(at_latest)
+            .get(uuid_key("id").filter(at_latest).arg_max())
+            .alias(LAST_EVENT_TYPE),
+            latest.alias(LATEST_EVENT_AT),
+        )
+        .drop("_user")
     )
