@@ -69,7 +69,9 @@ STORED_PARTS = pl.Schema(
     }
 )
 
-#: Computed aggregates. ``status`` is ``ok`` or why the key cannot be aggregated.
+#: Computed aggregates. ``status`` is ``ok`` or why the key cannot be aggregated; ``currencies``
+#: lists the contributing rows' currencies in surface order (see :func:`skipped` for the distinct
+#: ones).
 AGGREGATES = pl.Schema(
     {
         "user_id": UUID,
@@ -153,26 +155,30 @@ def aggregate_across_surfaces(
     (ranks: best position). Monetary kinds are aggregated only when every contributing surface
     reports the same currency; otherwise the key gets ``status = mixed_currency`` and no value.
     Rows without ``value_numeric`` (text-only ranks such as "Boosted") do not contribute; a key
-    with only such rows gets ``no_numeric_value``.
+    with only such rows gets ``no_numeric_value``. The aggregate's org is the largest non-null
+    org_id of its sources (a user's rows normally share one org).
 
     Returns:
         ``(aggregates, parts)`` shaped as :data:`AGGREGATES` and :data:`PARTS`; parts only for
         keys with ``status = ok``.
     """
-    numeric = latest.filter(pl.col("value_e4").is_not_null()).join(
-        _rules_frame(rules), on="metric_kind", how="left"
+    # One explicit sort up front: groups then keep their rows in surface order (no per-group sort).
+    ordered = latest.sort([*KEY, "surface"])
+    numeric = ordered.filter(pl.col("value_e4").is_not_null()).join(
+        _rules_frame(rules), on="metric_kind", how="left", maintain_order="left"
     )
     value = pl.col("value_e4").cast(pl.Int128)
-    stats = numeric.group_by(KEY).agg(
-        org_id=pl.col("org_id").sort_by("fetched_at", descending=True).drop_nulls().first(),
+    stats = numeric.group_by(KEY, maintain_order=True).agg(
+        org_id=pl.col("org_id").max(),
         aggregate=pl.col("aggregate").first(),
         monetary=pl.col("monetary").first(),
         sum=value.sum(),
         mean=value.mean().round(0, mode="half_away_from_zero").cast(pl.Int128),
         min=value.min(),
         max=value.max(),
-        currencies=pl.col("currency").unique().sort(nulls_last=True),
-        surfaces_included=pl.col("surface").sort(),
+        n_currencies=pl.col("currency").n_unique(),
+        currencies=pl.col("currency"),
+        surfaces_included=pl.col("surface"),
     )
     chosen = (
         pl.when(pl.col("aggregate") == "sum")
@@ -184,7 +190,7 @@ def aggregate_across_surfaces(
         .when(pl.col("aggregate") == "max")
         .then("max")
     )
-    mixed = pl.col("monetary") & (pl.col("currencies").list.len() > 1)
+    mixed = pl.col("monetary") & (pl.col("n_currencies") > 1)
     status = (
         pl.when(pl.col("aggregate").is_null())
         .then(pl.lit("no_rule"))
@@ -209,11 +215,8 @@ def aggregate_across_surfaces(
         status="status",
     )
     text_only = (
-        latest.group_by(KEY)
-        .agg(
-            org_id=pl.col("org_id").sort_by("fetched_at", descending=True).drop_nulls().first(),
-            surfaces_included=pl.col("surface").sort(),
-        )
+        ordered.group_by(KEY, maintain_order=True)
+        .agg(org_id=pl.col("org_id").max(), surfaces_included=pl.col("surface"))
         .join(computed, on=KEY, how="anti")
         .select(
             "user_id",
@@ -366,7 +369,10 @@ def plan_rollup(
 
 
 def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:
-    """The keys that could not be aggregated, with their status and currencies (for the report)."""
+    """The keys that could not be aggregated, with their status and distinct currencies."""
     return aggregates.filter(pl.col("status") != "ok").select(
-        *KEY, "status", "currencies", "surfaces_included"
+        *KEY,
+        "status",
+        pl.col("currencies").list.unique().list.sort(nulls_last=True),
+        "surfaces_included",
     )
