@@ -19,15 +19,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
-from derive.transforms.attribution import CONVERSION_KINDS, NO_CREDIT_KINDS, TOUCHPOINTS, VALUE
+from derive.transforms.attribution import (
+    CONVERSION_KINDS,
+    NO_CREDIT_KINDS,
+    STORED_CREDITS,
+    TOUCHPOINTS,
+)
 from derive.transforms.touchpoints import LINES
 
 # Same grammar as the ingest check: a JSON number or numeric text PostgreSQL's numeric accepts.
 _NUMBER = r"^\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
-_NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 def _kinds(kinds: Sequence[str]) -> str:
@@ -205,83 +210,100 @@ def anonymous_counts(
     return frame.cast({"surface": pl.String, "touchpoints": pl.Int64, "conversions": pl.Int64})
 
 
-_CREDIT_COLUMNS = pl.Schema(
-    {
-        "conversion_id": pl.Binary(),
-        "touchpoint_id": pl.Binary(),
-        "user_id": pl.Binary(),
-        "org_id": pl.Binary(),
-        "prospect_id": pl.Binary(),
-        "surface": pl.String(),
-        "model": pl.String(),
-        "weight": pl.Float64(),
-        "attributed_value": VALUE,
-        "currency": pl.String(),
-    }
+def _as_uuid(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """Mark 16-byte binary columns as Arrow uuids: ADBC then creates and fills uuid columns."""
+    for name in columns:
+        index = table.schema.get_field_index(name)
+        storage = table.column(index).cast(pa.binary(16))
+        chunks = [pa.ExtensionArray.from_storage(pa.uuid(), c) for c in storage.chunks]
+        table = table.set_column(index, name, pa.chunked_array(chunks, type=pa.uuid()))
+    return table
+
+
+def _stage(db: Db, name: str, frame: pl.DataFrame, uuid_columns: Sequence[str]) -> None:
+    db.execute(f"DROP TABLE IF EXISTS pg_temp.{name}")
+    db.ingest(name, _as_uuid(frame.to_arrow(), uuid_columns))
+
+
+def read_stored_credits(
+    db: Db, *, models: Sequence[str], since: datetime | None, as_of: datetime
+) -> pl.DataFrame:
+    """Stored credits of ``models`` for every conversion touchpoint in ``[since, as_of]``.
+
+    Includes conversions that have since lost their prospect, so their credits get deleted.
+    """
+    db.set_local(
+        models=",".join(models),
+        since="-infinity" if since is None else since.isoformat(),
+        as_of=as_of.isoformat(),
+    )
+    frame = db.fetch_df(
+        "SELECT a.id, a.conversion_id, a.touchpoint_id, a.user_id, a.org_id, a.prospect_id,"
+        " a.surface, a.model, a.weight, a.attributed_value::text AS attributed_value, a.currency,"
+        " a.window_days, a.half_life_days"
+        " FROM attribution_credits a JOIN prospect_touchpoints c ON c.id = a.conversion_id"
+        " WHERE a.model = ANY(string_to_array(current_setting('derive.models'), ','))"
+        f"  AND c.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        "   AND c.occurred_at >= current_setting('derive.since')::timestamptz"
+        "   AND c.occurred_at <= current_setting('derive.as_of')::timestamptz"
+    )
+    return frame.cast(STORED_CREDITS)
+
+
+_CREDIT_UUIDS = ("conversion_id", "touchpoint_id", "user_id", "org_id", "prospect_id")
+_CREDIT_FIELDS = (
+    "conversion_id, touchpoint_id, user_id, org_id, prospect_id, surface, model, weight,"
+    " attributed_value, currency, window_days, half_life_days"
 )
 
 
-def write_credits(
+def write_credit_changes(
     db: Db,
-    credits: pl.DataFrame,
     *,
-    models: Sequence[str],
+    inserts: pl.DataFrame,
+    updates: pl.DataFrame,
+    deletes: pl.DataFrame,
     run_id: str,
-    window_days: float,
-    half_life_days: float,
 ) -> dict[str, int]:
-    """Replace the credits of the conversions in ``credits`` for ``models``; inside a transaction.
+    """Apply a credit diff (see ``diff_credits``); call inside the job's transaction.
 
-    Rows that did not change are left alone (a re-run writes nothing); rows of those conversions
-    and models that are no longer credited are deleted. Returns inserted/updated/deleted counts.
+    Every statement is set-based: one bulk COPY per part into a temporary table, then one
+    DELETE, one UPDATE and one INSERT. Returns inserted/updated/deleted counts.
     """
-    db.execute("DROP TABLE IF EXISTS pg_temp.derive_credits_in")
-    db.ingest("derive_credits_in", credits.select(_CREDIT_COLUMNS.names()).cast(_CREDIT_COLUMNS))
-    db.execute(
-        "CREATE TEMP TABLE derive_credits ON COMMIT DROP AS SELECT"
-        " encode(conversion_id, 'hex')::uuid AS conversion_id,"
-        " encode(touchpoint_id, 'hex')::uuid AS touchpoint_id,"
-        " encode(user_id, 'hex')::uuid AS user_id, encode(org_id, 'hex')::uuid AS org_id,"
-        " encode(prospect_id, 'hex')::uuid AS prospect_id,"
-        " surface, model, weight, attributed_value, currency FROM derive_credits_in"
-    )
-    db.execute("DROP TABLE derive_credits_in")
-    db.execute("ANALYZE derive_credits")
-    deleted = db.fetch_value(
-        "WITH d AS (DELETE FROM attribution_credits a"
-        " USING (SELECT DISTINCT conversion_id FROM derive_credits) c"
-        " WHERE a.conversion_id = c.conversion_id"
-        "   AND a.model = ANY(string_to_array($1, ','))"
-        "   AND NOT EXISTS (SELECT 1 FROM derive_credits n"
-        "     WHERE n.conversion_id = a.conversion_id AND n.model = a.model"
-        f"      AND coalesce(n.touchpoint_id, '{_NIL_UUID}') = coalesce(a.touchpoint_id,"
-        f"          '{_NIL_UUID}'))"
-        " RETURNING 1) SELECT count(*) FROM d",
-        (",".join(models),),
-    )
-    written = db.fetch_all(
-        "WITH w AS (INSERT INTO attribution_credits AS a (conversion_id, touchpoint_id, user_id,"
-        "   org_id, prospect_id, surface, model, weight, attributed_value, currency, window_days,"
-        "   half_life_days, run_id, computed_at)"
-        " SELECT conversion_id, touchpoint_id, user_id, org_id, prospect_id, surface, model,"
-        "   weight, attributed_value, currency, $1::float8,"
-        "   CASE WHEN model = 'time_decay' THEN $2::float8 END, $3::uuid, now()"
-        " FROM derive_credits"
-        " ON CONFLICT (conversion_id, model, touchpoint_id) DO UPDATE SET"
-        "   user_id = excluded.user_id, org_id = excluded.org_id,"
-        "   prospect_id = excluded.prospect_id, surface = excluded.surface,"
-        "   weight = excluded.weight, attributed_value = excluded.attributed_value,"
-        "   currency = excluded.currency, window_days = excluded.window_days,"
-        "   half_life_days = excluded.half_life_days, run_id = excluded.run_id,"
-        "   computed_at = excluded.computed_at"
-        " WHERE (a.user_id, a.org_id, a.prospect_id, a.surface, a.weight, a.attributed_value,"
-        "        a.currency, a.window_days, a.half_life_days)"
-        "   IS DISTINCT FROM (excluded.user_id, excluded.org_id, excluded.prospect_id,"
-        "        excluded.surface, excluded.weight, excluded.attributed_value,"
-        "        excluded.currency, excluded.window_days, excluded.half_life_days)"
-        " RETURNING (xmax = 0) AS inserted)"
-        " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM w",
-        (window_days, half_life_days, run_id),
-    )[0]
-    db.execute("DROP TABLE derive_credits")
-    return {"inserted": int(written[0]), "updated": int(written[1]), "deleted": int(deleted)}
+    counts = {"inserted": 0, "updated": 0, "deleted": 0}
+    if deletes.height:
+        _stage(db, "derive_credits_gone", deletes, ["id"])
+        counts["deleted"] = int(
+            db.fetch_value(
+                "WITH d AS (DELETE FROM attribution_credits a USING derive_credits_gone g"
+                " WHERE a.id = g.id RETURNING 1) SELECT count(*) FROM d"
+            )
+        )
+        db.execute("DROP TABLE derive_credits_gone")
+    if updates.height:
+        _stage(db, "derive_credits_changed", updates, ["id", *_CREDIT_UUIDS])
+        counts["updated"] = int(
+            db.fetch_value(
+                "WITH u AS (UPDATE attribution_credits a SET user_id = c.user_id,"
+                " org_id = c.org_id, prospect_id = c.prospect_id, surface = c.surface,"
+                " weight = c.weight, attributed_value = c.attributed_value,"
+                " currency = c.currency, window_days = c.window_days,"
+                " half_life_days = c.half_life_days, run_id = $1::uuid, computed_at = now()"
+                " FROM derive_credits_changed c WHERE a.id = c.id RETURNING 1)"
+                " SELECT count(*) FROM u",
+                (run_id,),
+            )
+        )
+        db.execute("DROP TABLE derive_credits_changed")
+    if inserts.height:
+        _stage(db, "derive_credits_new", inserts, _CREDIT_UUIDS)
+        counts["inserted"] = int(
+            db.fetch_value(
+                f"WITH i AS (INSERT INTO attribution_credits ({_CREDIT_FIELDS}, run_id,"
+                f" computed_at) SELECT {_CREDIT_FIELDS}, $1::uuid, now()"
+                " FROM derive_credits_new RETURNING 1) SELECT count(*) FROM i",
+                (run_id,),
+            )
+        )
+        db.execute("DROP TABLE derive_credits_new")
+    return counts

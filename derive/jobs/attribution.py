@@ -18,11 +18,15 @@ import polars as pl
 from derive.config import format_duration, utc_now
 from derive.io.connect import Db
 from derive.io.runlog import job_run
-from derive.io.touchpoints import anonymous_counts, read_attribution_touchpoints, write_credits
-from derive.transforms.attribution import attribute, surface_summary
+from derive.io.touchpoints import (
+    anonymous_counts,
+    read_attribution_touchpoints,
+    read_stored_credits,
+    write_credit_changes,
+)
+from derive.transforms.attribution import attribute, diff_credits, surface_summary
 
 JOB = "attribution"
-_DAY = 86400.0
 
 
 @dataclass
@@ -98,13 +102,12 @@ def run_attribution(
             ).collect()
             surfaces = surface_summary(credits.lazy()).collect()
         with run.phase("write"), db.transaction(role="service_role"):
-            written = write_credits(
-                db,
-                credits,
-                models=models,
-                run_id=run.run_id,
-                window_days=window.total_seconds() / _DAY,
-                half_life_days=half_life.total_seconds() / _DAY,
+            stored = read_stored_credits(db, models=models, since=since, as_of=as_of)
+            inserts, updates, deletes = (
+                part.collect() for part in diff_credits(credits.lazy(), stored.lazy())
+            )
+            written = write_credit_changes(
+                db, inserts=inserts, updates=updates, deletes=deletes, run_id=run.run_id
             )
         run.counts = {
             "touchpoints_read": touchpoints.height,

@@ -79,8 +79,17 @@ CREDITS = pl.Schema(
         "weight": pl.Float64(),
         "attributed_value": VALUE,
         "currency": pl.String(),
+        "window_days": pl.Float64(),
+        "half_life_days": pl.Float64(),  # time_decay only
     }
 )
+
+#: Credits as stored: :data:`CREDITS` plus the row's own ``id``.
+STORED_CREDITS = pl.Schema({"id": pl.Binary(), **dict(CREDITS)})
+
+#: What makes a stored credit differ from a computed one (the key is conversion, model, touch).
+CREDIT_KEY = ("conversion_id", "model", "touchpoint_id")
+CREDIT_VALUES = tuple(c for c in CREDITS.names() if c not in CREDIT_KEY)
 
 #: Per-surface totals of a credits frame.
 SURFACE_SUMMARY = pl.Schema(
@@ -279,22 +288,52 @@ def attribute(
         )
     )
     credits = pl.concat([weighted.filter(pl.col("weight") > 0), own_surface], how="vertical")
+    days = 86400.0
     return (
         credits.join(convs, on=_CONVERSION, how="inner")
-        .with_columns(attributed_value=_distribute_value())
-        .select(
-            "conversion_id",
-            "touchpoint_id",
-            "user_id",
-            "org_id",
-            "prospect_id",
-            "surface",
-            "model",
-            "weight",
-            "attributed_value",
-            "currency",
+        .with_columns(
+            attributed_value=_distribute_value(),
+            window_days=pl.lit(window.total_seconds() / days),
+            half_life_days=pl.when(pl.col("model") == "time_decay").then(
+                pl.lit(half_life.total_seconds() / days)
+            ),
         )
+        .select(CREDITS.names())
     )
+
+
+def diff_credits(
+    computed: pl.LazyFrame, stored: pl.LazyFrame, /
+) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
+    """What to write so that ``stored`` becomes ``computed``: (inserts, updates, deletes).
+
+    Args:
+        computed: credits shaped like :data:`CREDITS`.
+        stored: the stored credits of the same conversions and models (:data:`STORED_CREDITS`).
+
+    Returns:
+        ``inserts`` (:data:`CREDITS` rows with no stored counterpart), ``updates`` (the stored
+        ``id`` with the new values, only where a value differs) and ``deletes`` (``id`` of stored
+        credits that are no longer computed). Identical rows appear in none of them, so a re-run
+        over unchanged data writes nothing.
+    """
+    key = list(CREDIT_KEY)
+    joined = computed.with_columns(_computed=pl.lit(True)).join(
+        stored.rename({c: f"{c}_stored" for c in CREDIT_VALUES}),
+        on=key,
+        how="full",
+        nulls_equal=True,
+        coalesce=True,
+    )
+    is_new = pl.col("id").is_null()
+    is_gone = pl.col("_computed").is_null()
+    changed = pl.any_horizontal(
+        *[pl.col(c).ne_missing(pl.col(f"{c}_stored")) for c in CREDIT_VALUES]
+    )
+    inserts = joined.filter(is_new).select(CREDITS.names())
+    updates = joined.filter(~is_new, ~is_gone, changed).select("id", *CREDITS.names())
+    deletes = joined.filter(is_gone).select("id")
+    return inserts, updates, deletes
 
 
 def surface_summary(credits: pl.LazyFrame, /) -> pl.LazyFrame:

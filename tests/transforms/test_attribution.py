@@ -16,8 +16,10 @@ from polars.testing import assert_frame_equal
 
 from derive.transforms.attribution import (
     MODELS,
+    STORED_CREDITS,
     TOUCHPOINTS,
     attribute,
+    diff_credits,
     surface_summary,
 )
 
@@ -470,3 +472,73 @@ def test_time_decay_matches_the_formula_for_arbitrary_ages() -> None:
 
     raw = [math.pow(2, -a / 7) for a in ages]
     assert [w for _, _, w in credited] == pytest.approx([r / sum(raw) for r in raw], rel=1e-12)
+
+
+# -- diff against stored credits ---------------------------------------------------------------------
+
+
+def stored_from(computed: pl.DataFrame) -> pl.DataFrame:
+    ids = [uuid.UUID(int=0xF000 + i).bytes for i in range(computed.height)]
+    return computed.with_columns(id=pl.Series(ids, dtype=pl.Binary)).select(STORED_CREDITS.names())
+
+
+def test_diff_of_unchanged_credits_is_empty() -> None:
+    computed = run([tp(1, at=CONVERTED_AT - DAY), conversion(0), conversion(2, prospect_n=2)])
+
+    inserts, updates, deletes = (
+        part.collect() for part in diff_credits(computed.lazy(), stored_from(computed).lazy())
+    )
+
+    assert (inserts.height, updates.height, deletes.height) == (0, 0, 0)
+
+
+def test_diff_inserts_updates_and_deletes_by_key_with_null_touchpoint() -> None:
+    before = run([tp(1, at=CONVERTED_AT - DAY), conversion(0)], models=("linear",))
+    after = run(
+        [
+            tp(1, at=CONVERTED_AT - DAY),
+            tp(2, at=CONVERTED_AT - 2 * DAY),
+            conversion(0),
+            conversion(3, prospect_n=2),
+        ],
+        models=("linear",),
+    )
+    stored = stored_from(before)
+
+    inserts, updates, deletes = (
+        part.collect() for part in diff_credits(after.lazy(), stored.lazy())
+    )
+
+    # touch 2 and conversion 3's own-surface credit are new; touch 1 drops from 1.0 to 0.5
+    assert sorted(inserts["touchpoint_id"].to_list(), key=lambda b: b or b"") == [None, tid(2)]
+    assert updates.select("id", "touchpoint_id", "weight").rows() == [
+        (stored["id"][0], tid(1), 0.5)
+    ]
+    assert deletes.height == 0
+
+
+def test_diff_deletes_credits_no_longer_computed() -> None:
+    before = run([tp(1, at=CONVERTED_AT - DAY), conversion(0)], models=("linear",))
+    after = run([conversion(0)], models=("linear",))
+    stored = stored_from(before)
+
+    inserts, updates, deletes = (
+        part.collect() for part in diff_credits(after.lazy(), stored.lazy())
+    )
+
+    assert inserts.select("touchpoint_id", "surface").rows() == [(None, "tryst")]
+    assert updates.height == 0
+    assert deletes["id"].to_list() == stored["id"].to_list()
+
+
+def test_diff_sees_a_changed_window_as_an_update() -> None:
+    before = run([tp(1, at=CONVERTED_AT - DAY), conversion(0)], models=("time_decay",))
+    after = run(
+        [tp(1, at=CONVERTED_AT - DAY), conversion(0)], models=("time_decay",), window=10 * DAY
+    )
+
+    _, updates, _ = (
+        part.collect() for part in diff_credits(after.lazy(), stored_from(before).lazy())
+    )
+
+    assert updates.select("window_days", "half_life_days").rows() == [(10.0, 7.0)]
