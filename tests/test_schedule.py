@@ -1,0 +1,91 @@
+"""``derive schedule``: ready-to-install crontab line and systemd units for Mode A."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from derive.jobs.watch import schedule_units
+
+
+def units(every: timedelta) -> dict[str, str]:
+    return schedule_units(executable="/opt/derive/bin/derive", every=every)
+
+
+def test_default_cadence_is_every_15_minutes() -> None:
+    result = schedule_units(executable="/opt/derive/bin/derive")
+
+    cron_line = result["crontab"].splitlines()[1]
+    assert cron_line == (
+        "*/15 * * * * set -a && . /etc/derive/derive.env && set +a && "
+        "/opt/derive/bin/derive run --lookback 120d >> /var/log/derive/run.log 2>&1"
+    )
+    assert "OnCalendar=*-*-* *:00/15:00" in result["derive-run.timer"]
+    assert "Persistent=true" in result["derive-run.timer"]
+    assert "Unit=derive-run.service" in result["derive-run.timer"]
+
+
+def test_service_runs_once_and_counts_a_skipped_run_as_success() -> None:
+    service = units(timedelta(minutes=15))["derive-run.service"]
+
+    assert "Type=oneshot" in service
+    assert "ExecStart=/opt/derive/bin/derive run --lookback 120d" in service
+    assert "SuccessExitStatus=75" in service
+    assert "EnvironmentFile=/etc/derive/derive.env" in service
+
+
+@pytest.mark.parametrize(
+    ("every", "cron", "calendar"),
+    [
+        (timedelta(minutes=1), "* * * * *", "*-*-* *:00/1:00"),
+        (timedelta(minutes=30), "*/30 * * * *", "*-*-* *:00/30:00"),
+        (timedelta(hours=1), "0 * * * *", "*-*-* 00/1:00:00"),
+        (timedelta(hours=6), "0 */6 * * *", "*-*-* 00/6:00:00"),
+    ],
+)
+def test_cadences_that_divide_an_hour_or_a_day(every: timedelta, cron: str, calendar: str) -> None:
+    result = units(every)
+
+    assert result["crontab"].splitlines()[1].startswith(f"{cron} set -a")
+    assert f"OnCalendar={calendar}\n" in result["derive-run.timer"]
+
+
+@pytest.mark.parametrize(
+    "every", [timedelta(minutes=7), timedelta(minutes=90), timedelta(seconds=30)]
+)
+def test_cadences_cron_cannot_express_are_refused(every: timedelta) -> None:
+    with pytest.raises(ValueError, match="cadence"):
+        units(every)
+
+
+def derive(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "derive.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "NO_COLOR": "1"},
+    )
+
+
+def test_schedule_command_prints_all_three_units() -> None:
+    result = derive("schedule")
+
+    assert result.returncode == 0, result.stderr
+    assert "# ---- crontab ----" in result.stdout
+    assert "# ---- derive-run.service ----" in result.stdout
+    assert "# ---- derive-run.timer ----" in result.stdout
+    assert "*/15 * * * *" in result.stdout
+    assert f"{Path(sys.executable).parent / 'derive'} run --lookback 120d" in result.stdout
+
+
+def test_schedule_command_rejects_a_bad_cadence() -> None:
+    result = derive("schedule", "--every", "7m")
+
+    assert result.returncode == 2
+    assert "does not divide an hour or a day" in result.stderr
