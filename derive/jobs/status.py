@@ -89,14 +89,25 @@ def problems(
         found.append("no full derive run has succeeded yet")
     elif now - last_full_success > max_lag:
         found.append(
-            f"the last successful full run finished {format_duration(_whole(now - last_full_success))}"
+            f"the last successful full run finished {human_duration(now - last_full_success)}"
             f" ago, more than --max-lag {format_duration(max_lag)}"
         )
     return found
 
 
-def _whole(value: timedelta) -> timedelta:
-    return timedelta(seconds=max(1, int(value.total_seconds())))
+def human_duration(value: timedelta) -> str:
+    """``52s``, ``10m52s``, ``2h05m``, ``3d04h``: two units at most, for people."""
+    seconds = max(0, int(value.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 def collect_status(db: Db, *, max_lag: timedelta, limit: int = 10) -> StatusReport:

@@ -14,6 +14,7 @@ from derive.errors import LockBusy
 from derive.io.connect import connect
 from derive.io.runlog import job_run
 from derive.jobs.derivation import JOB
+from derive.jobs.status import human_duration
 from tests.db.helpers import event, insert_events, run, uid
 
 NOW = datetime.now(UTC)
@@ -42,9 +43,12 @@ def successful_run(dsn: str, pg: psycopg.Connection) -> None:
 
 
 def failed_run(dsn: str, message: str) -> None:
-    with connect(dsn) as db, pytest.raises(RuntimeError):
-        with job_run(db, job=JOB, as_of=NOW, lookback=timedelta(days=120)):
-            raise RuntimeError(message)
+    with (
+        connect(dsn) as db,
+        pytest.raises(RuntimeError),
+        job_run(db, job=JOB, as_of=NOW, lookback=timedelta(days=120)),
+    ):
+        raise RuntimeError(message)
 
 
 def test_status_is_healthy_after_a_successful_run(dsn: str, pg: psycopg.Connection) -> None:
@@ -104,9 +108,12 @@ def test_a_later_success_clears_the_failure(dsn: str, pg: psycopg.Connection) ->
 
 def test_a_skipped_run_is_not_a_failure(dsn: str, pg: psycopg.Connection) -> None:
     successful_run(dsn, pg)
-    with connect(dsn) as holder, job_run(holder, job=JOB, as_of=NOW, record=False):
-        with pytest.raises(LockBusy):
-            run(dsn, as_of=NOW)
+    with (
+        connect(dsn) as holder,
+        job_run(holder, job=JOB, as_of=NOW, record=False),
+        pytest.raises(LockBusy),
+    ):
+        run(dsn, as_of=NOW)
 
     code, payload = status(dsn)
 
@@ -196,3 +203,20 @@ def test_rejections_are_counted_by_reason_over_24_hours_and_7_days(
         {"reason": "consent_missing", "last_24h": 2, "last_7d": 3, "users_7d": 2},
         {"reason": "volume_spike", "last_24h": 1, "last_7d": 2, "users_7d": 2},
     ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (60, "1m00s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (86399, "23h59m"),
+        (86400, "1d00h"),
+        (90061, "1d01h"),
+    ],
+)
+def test_human_duration_shows_two_units_at_most(seconds: int, expected: str) -> None:
+    assert human_duration(timedelta(seconds=seconds)) == expected
