@@ -423,15 +423,20 @@ class OutputFormat(StrEnum):
 
 
 @app.command("attribution")
-def attribution_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
+def attribution_cmd(
     model: Annotated[
         AttributionModel, typer.Option("--model", help="Attribution model, or all of them.")
     ] = AttributionModel.time_decay,
     window: Annotated[
-        str, typer.Option("--window", help=f"Look-back before each conversion: {DURATION_FORMS}.")
+        str,
+        typer.Option(
+            "--window", help=f"Look-back before each conversion: {DURATION_FORMS}.",
+            metavar="DURATION",
+        ),
     ] = "30d",
     half_life: Annotated[
-        str, typer.Option("--half-life", help="Half-life of time_decay weights.")
+        str,
+        typer.Option("--half-life", help="Half-life of time_decay weights.", metavar="DURATION"),
     ] = "7d",
     since: Annotated[
         str | None,
@@ -485,9 +490,12 @@ def attribution_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
     )
     out.print(
         table(
-            "attributed value per surface",
+            "attributed value per surface (exact values: --format csv or json)",
             ["model", "surface", "currency", "conversions", "credits", "attributed value"],
-            [[m, s, cur or "-", n, k, v] for m, s, cur, n, k, v in report.surfaces.iter_rows()],
+            [
+                [m, s, cur or "-", n, k, f"{v:,.2f}"]
+                for m, s, cur, n, k, v in report.surfaces.iter_rows()
+            ],
         )
     )
     if report.anonymous.height:
