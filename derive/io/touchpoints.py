@@ -55,10 +55,14 @@ def read_lines(path: Path) -> pl.DataFrame:
         raise ContractError(
             f"{path} is not UTF-8 text (byte {exc.start}); touchpoints are JSON lines"
         ) from None
-    lines = text.splitlines()
+    # Split on newlines only: str.splitlines would also split inside JSON strings that hold a
+    # raw U+2028 or form feed, which JSON allows.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     return pl.DataFrame(
         {"line_no": pl.int_range(1, len(lines) + 1, eager=True), "line": lines}, schema=LINES
-    )
+    ).with_columns(pl.col("line").str.strip_suffix("\r"))
 
 
 @dataclass(frozen=True)

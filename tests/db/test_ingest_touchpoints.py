@@ -254,3 +254,18 @@ def test_cli_ingest_touchpoints_missing_file_is_a_usage_error(dsn: str, tmp_path
     )
 
     assert result.exit_code != 0
+
+
+def test_lines_split_on_newlines_only(dsn: str, pg: psycopg.Connection, tmp_path: Path) -> None:
+    user = add_user(pg)
+    path = tmp_path / "t.jsonl"
+    rows = [event(user, "e1", payload={"note": "a\u2028b\x0cc"}), event(user, "e2")]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+
+    report = ingest(dsn, path)
+
+    assert (report.lines, report.inserted, report.rejected.height) == (2, 2, 0)
+    note = pg.execute(
+        "SELECT payload_jsonb->>'note' FROM prospect_touchpoints WHERE external_id = 'e1'"
+    ).fetchone()
+    assert note == ("a\u2028b\x0cc",)
