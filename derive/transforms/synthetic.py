@@ -232,6 +232,10 @@ def generate_events(
                 pl.Datetime("us", "UTC")
             ),
             user_id=pl.when(pl.col("anonymous")).then(None).otherwise(pl.col("user_id")),
+            # The user's id in the session id makes it unique across seeds and blocks.
+            session_id=pl.concat_str(
+                pl.col("user_id").str.slice(0, 13), pl.lit("/"), pl.col("session_id")
+            ),
         )
         .select(list(EVENT_COLUMNS))
         .sort("created_at", maintain_order=True)
