@@ -140,6 +140,8 @@ class ScaleResult:
     window_bytes: int = 0
     load_seconds: float = 0.0
     users_in_window: int = 0
+    #: 1-minute load average of the machine when the scale started and when it ended.
+    load_avg: tuple[float, float] = (0.0, 0.0)
     figures: dict[str, Figure] = field(default_factory=dict)
     agreement: Agreement | None = None
     others: list[dict[str, Any]] = field(default_factory=list)
@@ -539,6 +541,7 @@ def measure_scale(
 ) -> ScaleResult:
     """All measurements of one scale (see the module docstring)."""
     result = ScaleResult(scale=scale, users=SCALES[scale])
+    load_at_start = os.getloadavg()[0]
     sql = window_sql()
     prepare(server, result)
     work = recreate_database(server, WORK_DB, template=LOADED_DB)
@@ -581,6 +584,7 @@ def measure_scale(
         figure.note = _counts_note(run.counts)
         result.figures[case] = figure
 
+    result.load_avg = (load_at_start, os.getloadavg()[0])
     if with_others:
         result.others = measure_others(server, scale)
     return result

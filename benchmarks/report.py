@@ -194,13 +194,14 @@ def dataset_table(results: list[ScaleResult]) -> str:
     """What was generated at each scale."""
     lines = [
         "| scale | users generated | events stored | users in window | window rows"
-        " | window as binary COPY | generate + load s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        " | window as binary COPY | generate + load s | 1-min load avg at scale start / end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.scale} | {r.users:,} | {r.events_total:,} | {r.users_in_window:,}"
-            f" | {r.window_rows:,} | {r.window_bytes / 2**20:,.0f} MiB | {r.load_seconds:,.1f} |"
+            f" | {r.window_rows:,} | {r.window_bytes / 2**20:,.0f} MiB | {r.load_seconds:,.1f}"
+            f" | {r.load_avg[0]:.1f} / {r.load_avg[1]:.1f} |"
         )
     return "\n".join(lines)
 
@@ -288,6 +289,9 @@ clean (`dirty=False`) and without near-duplicate bursts (`bursts=False`), so tha
 comparable. Lookback {LOOKBACK_TEXT}.
 
 {dataset_table(results)}
+
+The load average is the machine's (all processes, {env.cores} cores): other work running at the same
+time widens the spread between min and max and raises the medians of every case alike.
 
 ## Results
 
