@@ -9,6 +9,8 @@ validation happens in the transforms.
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -39,6 +41,14 @@ EVENTS_WINDOW_SQL = (
    AND e.event_category <> 'system'
    AND e.created_at >= current_setting('derive.window_start')::timestamptz
    AND e.created_at <= current_setting('derive.as_of')::timestamptz"""
+)
+
+#: One of ``derive.parts`` disjoint slices of the window, by a hash of the user id (whole users).
+EVENTS_PART_SQL = (
+    EVENTS_WINDOW_SQL
+    + """
+   AND (uuid_hash(e.user_id) & 2147483647) % current_setting('derive.parts')::int
+       = current_setting('derive.part')::int"""
 )
 
 #: The same window for the users listed in ``derive.users`` (comma-separated uuids).
@@ -119,6 +129,49 @@ def set_window(
 def read_events(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
     """The lookback window of events (non-null user, non-system), one Arrow read."""
     return _conform(db.fetch_df(EVENTS_USERS_SQL if users else EVENTS_WINDOW_SQL), EVENTS)
+
+
+def open_parts(
+    db: Db, *, parts: int, as_of: datetime, lookback: timedelta, relog_after: timedelta
+) -> list[Db]:
+    """Sibling connections, one per slice, sharing ``db``'s snapshot and window settings.
+
+    ``db`` must be inside a REPEATABLE READ transaction: every sibling imports its snapshot, so the
+    slices and whatever ``db`` reads see one consistent state. The caller closes the siblings.
+    """
+    snapshot = str(db.fetch_value("SELECT pg_export_snapshot()"))
+    if not re.fullmatch(r"[0-9A-F]+-[0-9A-F]+-[0-9]+", snapshot):
+        raise ValueError(f"unexpected snapshot id {snapshot!r}")
+    siblings = [db.sibling() for _ in range(parts)]
+    for part, sibling in enumerate(siblings):
+        sibling.rollback()
+        sibling.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        sibling.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # server-made id, checked above
+        sibling.execute('SET LOCAL ROLE "service_role"')
+        set_window(sibling, as_of=as_of, lookback=lookback, relog_after=relog_after)
+        sibling.set_local(part=str(part), parts=str(parts))
+    return siblings
+
+
+def fetch_parts(siblings: list[Db]) -> list[pl.DataFrame]:
+    """Read every slice, one thread per sibling (the driver releases the GIL while it reads)."""
+    results: list[pl.DataFrame | BaseException] = [pl.DataFrame()] * len(siblings)
+
+    def work(i: int) -> None:
+        try:
+            results[i] = _conform(siblings[i].fetch_df(EVENTS_PART_SQL), EVENTS)
+        except BaseException as exc:  # re-raised in the caller's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(siblings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if isinstance(r, pl.DataFrame)]
 
 
 def read_states(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import polars as pl
+
 from derive import __version__
 from derive.config import Rules, format_duration
 from derive.io import read
@@ -51,15 +53,39 @@ class RunReport:
         }
 
 
+#: Window slices read in parallel on sibling connections (measured in benchmarks/README.md).
+READ_PARTS = 2
+
+
 def read_inputs(
-    db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules, users: Sequence[str] = ()
-) -> tuple[Any, Any, Any, dict[str, int]]:
-    """Events, stored states, recent rejections and side counts, from one consistent snapshot."""
+    db: Db,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    rules: Rules,
+    users: Sequence[str] = (),
+    parts: int = READ_PARTS,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """Events, stored states, recent rejections and side counts, from one consistent snapshot.
+
+    A full run reads the window in ``parts`` slices on sibling connections (by user hash, so each
+    slice holds whole users) that share the snapshot; ``--user`` runs read with one query.
+    """
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     db.execute('SET LOCAL ROLE "service_role"')
     read.set_window(db, as_of=as_of, lookback=lookback, relog_after=rules.relog_after, users=users)
-    events = read.read_events(db, users=users)
+    if users or parts <= 1:
+        events = read.read_events(db, users=users)
+    else:
+        siblings = read.open_parts(
+            db, parts=parts, as_of=as_of, lookback=lookback, relog_after=rules.relog_after
+        )
+        try:
+            events = pl.concat(read.fetch_parts(siblings), rechunk=False)
+        finally:
+            for sibling in siblings:
+                sibling.close()
     stored = read.read_states(db, users=users)
     recent = read.read_recent_rejections(db)
     side = read.read_side_counts(db)
