@@ -961,11 +961,12 @@ def schedule_cmd(
         Path, typer.Option("--env-file", help="File that sets DERIVE_DSN (KEY=value lines).")
     ] = Path("/etc/derive/derive.env"),
 ) -> None:
-    """Print a crontab line and a systemd service + timer for Mode A (scheduled `derive run`).
+    """Print a crontab line and systemd units for Mode A (scheduled `derive run`) and Mode B.
 
-    Install the timer with: copy the two units to /etc/systemd/system/, then
-    `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75 (another
-    run held the lock) counts as success.
+    Install the timer with: copy derive-run.service and derive-run.timer to /etc/systemd/system/,
+    then `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75
+    (another run held the lock) counts as success. derive-watch.service (optional) runs
+    `derive watch` next to the timer.
     """
     import shutil
 

@@ -38,6 +38,14 @@ def test_service_runs_once_and_counts_a_skipped_run_as_success() -> None:
     assert "EnvironmentFile=/etc/derive/derive.env" in service
 
 
+def test_watch_service_stops_with_sigterm_and_restarts_on_failure() -> None:
+    watch = units(timedelta(minutes=15))["derive-watch.service"]
+
+    assert "ExecStart=/opt/derive/bin/derive watch --lookback 120d" in watch
+    assert "KillSignal=SIGTERM" in watch
+    assert "Restart=on-failure" in watch
+
+
 @pytest.mark.parametrize(
     ("every", "cron", "calendar"),
     [
@@ -73,13 +81,14 @@ def derive(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_schedule_command_prints_all_three_units() -> None:
+def test_schedule_command_prints_every_unit() -> None:
     result = derive("schedule")
 
     assert result.returncode == 0, result.stderr
     assert "# ---- crontab ----" in result.stdout
     assert "# ---- derive-run.service ----" in result.stdout
     assert "# ---- derive-run.timer ----" in result.stdout
+    assert "# ---- derive-watch.service ----" in result.stdout
     assert "*/15 * * * *" in result.stdout
     assert f"{Path(sys.executable).parent / 'derive'} run --lookback 120d" in result.stdout
 

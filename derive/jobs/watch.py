@@ -15,6 +15,11 @@ Delivery rules of the watcher:
   at that moment), so nothing inserted during an outage is lost;
 - ``stop()`` (SIGTERM in the CLI) lets a running batch finish, derives what is still pending and
   returns.
+
+The catch-up goes by ``created_at``: an event inserted during an outage with a ``created_at``
+back-dated before the catch-up mark is not found by it (nor by any notification); the scheduled
+full run derives it. Mode B complements Mode A, it does not replace it: retention downgrades
+happen with time passing, not with inserts.
 """
 
 from __future__ import annotations
@@ -295,6 +300,9 @@ def schedule_units(
 ) -> dict[str, str]:
     """A crontab line and a systemd service + timer that run ``derive run`` every ``every``.
 
+    Also a ``derive-watch.service`` for Mode B, to run next to the timer: the scheduled full run
+    keeps the retention downgrades and anything the watcher missed on time.
+
     Overlaps are safe either way: a run that finds the lock taken exits 75 (``skipped``), which
     the service declares a success.
 
@@ -350,4 +358,27 @@ Unit=derive-run.service
 [Install]
 WantedBy=timers.target
 """
-    return {"crontab": crontab, "derive-run.service": service, "derive-run.timer": timer}
+    watch = f"""[Unit]
+Description=derive: Mode B, derive users as their events arrive (optional, next to the timer)
+Wants=network-online.target
+After=network-online.target postgresql.service
+
+[Service]
+Type=simple
+EnvironmentFile={env_file}
+ExecStart={executable} watch --lookback {look}
+# SIGTERM: finish the batch in progress, derive what is pending, exit 0.
+KillSignal=SIGTERM
+TimeoutStopSec=120
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return {
+        "crontab": crontab,
+        "derive-run.service": service,
+        "derive-run.timer": timer,
+        "derive-watch.service": watch,
+    }
