@@ -177,7 +177,7 @@ def stacked_bars(
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     scale = plot_h / ticks[-1]
     slot = plot_w / len(labels)
-    bar = max(1.0, slot * 0.8)
+    bar = min(48.0, max(1.0, slot * 0.8))
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H + 24}" role="img" '
         f'class="chart" aria-label="{_esc(title)}"><title>{_esc(title)}</title>'
@@ -323,10 +323,14 @@ def render_html(data: ReportData) -> str:
         title="Audit steps per day",
         unit="state steps",
     )
-    totals = _table(
-        ["step", "kind", "count"],
-        [[_esc(s), _esc(k), f"{n:,}"] for s, k, n in data.transition_totals.iter_rows()],
-        {2},
+    totals = (
+        _table(
+            ["step", "kind", "count"],
+            [[_esc(s), _esc(k), f"{n:,}"] for s, k, n in data.transition_totals.iter_rows()],
+            {2},
+        )
+        if data.transition_totals.height
+        else ""
     )
     rejections = stacked_bars(
         [d.isoformat() for d in data.rejections.get_column("day").to_list()],
