@@ -81,9 +81,7 @@ def test_report_renders_in_headless_chromium_without_console_errors(
 
     dumped = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
     shot = tmp_path / "report.png"
-    captured = chromium(
-        tmp_path, "--window-size=1100,2600", f"--screenshot={shot}", page.as_uri()
-    )
+    captured = chromium(tmp_path, "--window-size=1100,2600", f"--screenshot={shot}", page.as_uri())
 
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     assert console_messages(dumped.stderr) == []
@@ -114,7 +112,9 @@ def test_report_shows_the_stored_funnel_and_the_rejected_users(
 ) -> None:
     with connect(dashboard_dsn) as db:
         data = collect_report(db, as_of=AS_OF, days=30)
-        stored = db.fetch_df("SELECT current_state, count(*) AS users FROM audience_state GROUP BY 1")
+        stored = db.fetch_df(
+            "SELECT current_state, count(*) AS users FROM audience_state GROUP BY 1"
+        )
         rejected = db.fetch_all(
             "SELECT user_id::text, count(*) FROM audience_events"
             " WHERE event_type = 'validation_fail' GROUP BY 1"
