@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import harness, report
 
     scales = sorted(dict.fromkeys(args.scale), key=SCALES.index)
+    env = report.environment(harness.server_dsn(args.dsn))
     try:
         results = harness.run(
             scales,
@@ -89,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --repeat {args.repeat}"
     if args.only:
         command += f" --only {args.only}"
-    text = report.render(
-        results,
-        report.environment(harness.server_dsn(args.dsn)),
-        command=command,
-        repeat=args.repeat,
-    )
+    text = report.render(results, env, command=command, repeat=args.repeat)
     sys.stdout.write(text)
     if not args.no_readme:
         report.plot(results)
