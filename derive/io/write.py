@@ -85,9 +85,13 @@ ON CONFLICT (user_id) DO UPDATE
        engagement_score = EXCLUDED.engagement_score,
        last_event_type = EXCLUDED.last_event_type,
        last_activity_at = EXCLUDED.last_activity_at,
+       -- jsonb_build_object turns SQL NULL into JSON null: keep the stored trigger and audit
+       -- pointer when this write carries none (score or last type changed, state did not).
        metadata = EXCLUDED.metadata || jsonb_build_object(
-         'rule_trigger', coalesce(EXCLUDED.metadata -> 'rule_trigger', s.metadata -> 'rule_trigger'),
-         'last_audit_id', coalesce(EXCLUDED.metadata -> 'last_audit_id', s.metadata -> 'last_audit_id'))
+         'rule_trigger', coalesce(nullif(EXCLUDED.metadata -> 'rule_trigger', 'null'::jsonb),
+                                  s.metadata -> 'rule_trigger'),
+         'last_audit_id', coalesce(nullif(EXCLUDED.metadata -> 'last_audit_id', 'null'::jsonb),
+                                   s.metadata -> 'last_audit_id'))
  WHERE (s.current_state, s.engagement_score, s.last_event_type)
        IS DISTINCT FROM (EXCLUDED.current_state, EXCLUDED.engagement_score, EXCLUDED.last_event_type)
 """

@@ -291,3 +291,20 @@ def test_adopt_gives_unaudited_states_a_trail_once(dsn: str, pg: psycopg.Connect
     assert adopted["new_state"] == "S4"
     assert report.counts["users_rejected"] == 0
     assert states(pg)[uid(1)] == "S4"
+
+
+def test_score_only_change_keeps_the_audit_pointer(dsn: str, pg: psycopg.Connection) -> None:
+    insert_events(pg, engaged_user(1))
+    run(dsn)
+    pointer = pg.execute("SELECT metadata->'last_audit_id' FROM audience_state").fetchone()[0]
+    insert_events(pg, [event(1, "multi_internal_click", "engagement", ago=timedelta(minutes=5))])
+
+    changed = run(dsn)
+    again = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+
+    assert changed.counts["users_changed"] == 1
+    assert changed.counts["audit_rows"] == 0
+    meta = pg.execute("SELECT metadata FROM audience_state").fetchone()[0]
+    assert meta["last_audit_id"] == pointer
+    assert meta["rule_trigger"]["rule"] == "G2"
+    assert again.counts["users_rejected"] == 0
