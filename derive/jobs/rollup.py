@@ -28,6 +28,7 @@ from derive.transforms.rollup import (
     latest_per_surface,
     plan_rollup,
     skipped,
+    surface_values,
 )
 
 JOB = "rollup"
@@ -71,18 +72,26 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
         with run.phase("read"):
             data = read_rollup_input(db, as_of_iso=as_of.isoformat())
         with run.phase("compute"):
-            latest = latest_per_surface(_shaped(data.sources, SOURCES))
-            aggregates, parts = aggregate_across_surfaces(latest, rules=rules)
-            plan_lf = plan_rollup(
-                aggregates,
-                parts,
-                _shaped(data.stored, STORED),
-                _shaped(data.stored_parts, STORED_PARTS),
-                as_of=as_of,
-                rules=rules,
+            # Materialised per stage: each stage's output feeds several joins of the next one.
+            latest = latest_per_surface(_shaped(data.sources, SOURCES)).collect()
+            aggregates, parts = pl.collect_all(
+                [
+                    aggregate_across_surfaces(latest.lazy(), rules=rules),
+                    surface_values(latest.lazy()),
+                ]
             )
-            plan, not_aggregated, latest_n = pl.collect_all(
-                [plan_lf, skipped(aggregates), latest.select(pl.len())]
+            plan, not_aggregated = pl.collect_all(
+                [
+                    plan_rollup(
+                        aggregates.lazy(),
+                        parts.lazy(),
+                        _shaped(data.stored, STORED),
+                        _shaped(data.stored_parts, STORED_PARTS),
+                        as_of=as_of,
+                        rules=rules,
+                    ),
+                    skipped(aggregates.lazy()),
+                ]
             )
         with run.phase("write"), db.transaction(role="service_role"):
             written = write_rollup(db, plan)
@@ -90,7 +99,7 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
         reasons = dict(not_aggregated.group_by("status").len().iter_rows())
         run.counts = {
             "sources_read": data.sources.height,
-            "sources_superseded": data.sources.height - int(latest_n.item()),
+            "sources_superseded": data.sources.height - latest.height,
             "due_aggregates_read": data.stored.height,
             **{o: int(outcomes.get(o, 0)) for o in OUTCOMES},
             "final": int(plan["final"].sum()),

@@ -7,9 +7,9 @@ comparisons are exact (PostgreSQL converts on read and write). The stages, compo
    each (user, surface, metric_kind, window) wins;
 2. :func:`aggregate_across_surfaces` - one aggregate per (user, metric_kind, window), aggregated
    as the rules file says for the kind, with the per-surface breakdown and the currency rule;
-3. :func:`with_stale_after` - the refresh cadence by the age of the window;
-4. :func:`plan_rollup` - the diff against the stored aggregates that were due: what to write and
-   what only gets a new ``stale_after``.
+   :func:`surface_values` - the same breakdown in long form, for the diff;
+3. :func:`plan_rollup` - the diff against the stored aggregates that were due: what to write and
+   what only gets a new ``stale_after`` (from the cadence, :func:`stale_after`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ AGGREGATES = pl.Schema(
         "currency": pl.String(),
         "currencies": pl.List(pl.String()),
         "surfaces_included": pl.List(pl.String()),
+        "surface_breakdown": pl.String(),
         "status": pl.String(),
     }
 )
@@ -145,9 +146,28 @@ def _rules_frame(rules: MetricsRules) -> pl.LazyFrame:
     )
 
 
-def aggregate_across_surfaces(
-    latest: pl.LazyFrame, /, *, rules: MetricsRules
-) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+def json_string(text: pl.Expr, /) -> pl.Expr:
+    """``text`` as a JSON string literal (quoted and escaped by the JSON encoder)."""
+    return (
+        pl.struct(text.alias("s"))
+        .struct.json_encode()
+        .str.strip_prefix('{"s":')
+        .str.strip_suffix("}")
+    )
+
+
+def decimal_text(value_e4: pl.Expr, /) -> pl.Expr:
+    """``value_e4`` as the shortest exact decimal text (``1234500`` -> ``123.45``)."""
+    magnitude = value_e4.abs()
+    fraction = (magnitude % 10_000).cast(pl.String).str.zfill(4).str.strip_chars_end("0")
+    return pl.concat_str(
+        pl.when(value_e4 < 0).then(pl.lit("-")).otherwise(pl.lit("")),
+        (magnitude // 10_000).cast(pl.String),
+        pl.when(fraction.str.len_chars() > 0).then(pl.lit(".") + fraction).otherwise(pl.lit("")),
+    )
+
+
+def aggregate_across_surfaces(latest: pl.LazyFrame, /, *, rules: MetricsRules) -> pl.LazyFrame:
     """Aggregate the latest per-surface values into one row per (user, metric_kind, window).
 
     The kind's ``aggregate`` in the rules picks the statistic: ``sum`` (additive counts and
@@ -156,29 +176,37 @@ def aggregate_across_surfaces(
     reports the same currency; otherwise the key gets ``status = mixed_currency`` and no value.
     Rows without ``value_numeric`` (text-only ranks such as "Boosted") do not contribute; a key
     with only such rows gets ``no_numeric_value``. The aggregate's org is the largest non-null
-    org_id of its sources (a user's rows normally share one org).
+    org_id of its sources (a user's rows normally share one org). ``surface_breakdown`` is the
+    ``{surface: value}`` JSON object, surfaces in byte order (names escaped by the JSON encoder,
+    values exact decimals).
 
     Returns:
-        ``(aggregates, parts)`` shaped as :data:`AGGREGATES` and :data:`PARTS`; parts only for
-        keys with ``status = ok``.
+        One row per key, shaped as :data:`AGGREGATES`.
     """
-    # One explicit sort up front: groups then keep their rows in surface order (no per-group sort).
-    ordered = latest.sort([*KEY, "surface"])
-    numeric = ordered.filter(pl.col("value_e4").is_not_null()).join(
-        _rules_frame(rules), on="metric_kind", how="left", maintain_order="left"
+    has_value = pl.col("value_e4").is_not_null()
+    member = pl.concat_str(
+        json_string(pl.col("surface")), pl.lit(": "), decimal_text(pl.col("value_e4"))
     )
     value = pl.col("value_e4").cast(pl.Int128)
-    stats = numeric.group_by(KEY, maintain_order=True).agg(
-        org_id=pl.col("org_id").max(),
-        aggregate=pl.col("aggregate").first(),
-        monetary=pl.col("monetary").first(),
-        sum=value.sum(),
-        mean=value.mean().round(0, mode="half_away_from_zero").cast(pl.Int128),
-        min=value.min(),
-        max=value.max(),
-        n_currencies=pl.col("currency").n_unique(),
-        currencies=pl.col("currency"),
-        surfaces_included=pl.col("surface"),
+    # One explicit sort up front: groups keep their rows in surface order (no per-group sort),
+    # and one group_by computes every statistic.
+    stats = (
+        latest.sort([*KEY, "surface"])
+        .with_columns(member=member)
+        .group_by(KEY, maintain_order=True)
+        .agg(
+            org_id=pl.col("org_id").max(),
+            n_values=pl.col("value_e4").count(),
+            sum=value.sum(),
+            mean=value.mean().round(0, mode="half_away_from_zero").cast(pl.Int128),
+            min=value.min(),
+            max=value.max(),
+            n_currencies=pl.col("currency").filter(has_value).n_unique(),
+            currencies=pl.col("currency").filter(has_value),
+            surfaces_included=pl.col("surface").filter(has_value),
+            members=pl.col("member").drop_nulls().str.join(", "),
+        )
+        .join(_rules_frame(rules), on="metric_kind", how="left", maintain_order="left")
     )
     chosen = (
         pl.when(pl.col("aggregate") == "sum")
@@ -190,52 +218,42 @@ def aggregate_across_surfaces(
         .when(pl.col("aggregate") == "max")
         .then("max")
     )
-    mixed = pl.col("monetary") & (pl.col("n_currencies") > 1)
     status = (
         pl.when(pl.col("aggregate").is_null())
         .then(pl.lit("no_rule"))
-        .when(mixed)
+        .when(pl.col("n_values") == 0)
+        .then(pl.lit("no_numeric_value"))
+        .when(pl.col("monetary") & (pl.col("n_currencies") > 1))
         .then(pl.lit("mixed_currency"))
         .when(chosen.abs() >= _MAX_E4)
         .then(pl.lit("out_of_range"))
         .otherwise(pl.lit("ok"))
     )
-    computed = stats.with_columns(status=status).select(
-        "user_id",
-        "org_id",
-        "metric_kind",
-        "window_start",
-        "window_end",
-        value_e4=pl.when(pl.col("status") == "ok").then(chosen).cast(pl.Int64),
-        currency=pl.when(pl.col("monetary") & (pl.col("status") == "ok")).then(
-            pl.col("currencies").list.first()
-        ),
-        currencies="currencies",
-        surfaces_included="surfaces_included",
-        status="status",
-    )
-    text_only = (
-        ordered.group_by(KEY, maintain_order=True)
-        .agg(org_id=pl.col("org_id").max(), surfaces_included=pl.col("surface"))
-        .join(computed, on=KEY, how="anti")
+    ok = pl.col("status") == "ok"
+    return (
+        stats.with_columns(status=status)
         .select(
-            "user_id",
+            *KEY[:1],
             "org_id",
-            "metric_kind",
-            "window_start",
-            "window_end",
-            value_e4=pl.lit(None, pl.Int64()),
-            currency=pl.lit(None, pl.String()),
-            currencies=pl.lit([], pl.List(pl.String())),
+            *KEY[1:],
+            value_e4=pl.when(ok).then(chosen).cast(pl.Int64),
+            currency=pl.when(ok & pl.col("monetary")).then(pl.col("currencies").list.first()),
+            currencies="currencies",
             surfaces_included="surfaces_included",
-            status=pl.lit("no_numeric_value"),
+            surface_breakdown=pl.when(ok).then(pl.lit("{") + pl.col("members") + pl.lit("}")),
+            status="status",
         )
+        .cast(AGGREGATES)
     )
-    aggregates = pl.concat([computed, text_only]).cast(AGGREGATES)
-    parts = numeric.join(
-        computed.filter(pl.col("status") == "ok").select(KEY), on=KEY, how="semi"
-    ).select(*KEY, "surface", "value_e4")
-    return aggregates, parts.cast(PARTS)
+
+
+def surface_values(latest: pl.LazyFrame, /) -> pl.LazyFrame:
+    """The numeric value of each surface per key (the long form of the breakdown, for the diff)."""
+    return (
+        latest.filter(pl.col("value_e4").is_not_null())
+        .select(*KEY, "surface", "value_e4")
+        .cast(PARTS)
+    )
 
 
 def stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules) -> pl.Expr:
@@ -256,38 +274,6 @@ def stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules)
     return expr
 
 
-def decimal_text(value_e4: pl.Expr, /) -> pl.Expr:
-    """``value_e4`` as the shortest exact decimal text (``1234500`` -> ``123.45``)."""
-    magnitude = value_e4.abs()
-    fraction = (magnitude % 10_000).cast(pl.String).str.zfill(4).str.strip_chars_end("0")
-    return pl.concat_str(
-        pl.when(value_e4 < 0).then(pl.lit("-")).otherwise(pl.lit("")),
-        (magnitude // 10_000).cast(pl.String),
-        pl.when(fraction.str.len_chars() > 0).then(pl.lit(".") + fraction).otherwise(pl.lit("")),
-    )
-
-
-def breakdown_json(parts: pl.LazyFrame, /) -> pl.LazyFrame:
-    """One ``{surface: value}`` JSON object per key, surfaces in byte order.
-
-    Surface names are escaped by the JSON encoder (a one-field struct, unwrapped), so any text is
-    safe; values are exact decimals.
-    """
-    name = (
-        pl.struct(pl.col("surface"))
-        .struct.json_encode()
-        .str.strip_prefix('{"surface":')
-        .str.strip_suffix("}")
-    )
-    member = pl.concat_str(name, pl.lit(": "), decimal_text(pl.col("value_e4")))
-    return (
-        parts.sort([*KEY, "surface"])
-        .group_by(KEY, maintain_order=True)
-        .agg(surface_breakdown=member.str.join(", "))
-        .with_columns(surface_breakdown=pl.lit("{") + pl.col("surface_breakdown") + pl.lit("}"))
-    )
-
-
 def plan_rollup(
     aggregates: pl.LazyFrame,
     parts: pl.LazyFrame,
@@ -300,8 +286,8 @@ def plan_rollup(
 ) -> pl.LazyFrame:
     """Diff the computed aggregates against the stored aggregates that are due.
 
-    ``aggregates`` covers only keys without a fresh aggregate (missing or due), ``stored`` only
-    due aggregates. A key with no stored row is ``inserted``; a due key whose content (value,
+    ``aggregates`` covers only keys without a fresh aggregate (missing or due), ``parts`` is their
+    :func:`surface_values`, ``stored`` / ``stored_parts`` only the due aggregates. A key with no stored row is ``inserted``; a due key whose content (value,
     currency, org, surfaces, breakdown) differs is ``recomputed``; a due key whose content is
     unchanged, cannot be aggregated (mixed currencies ...) or lost its sources is ``refreshed``:
     only its ``stale_after`` moves. Aggregates that are not due are not in the inputs and are
@@ -318,7 +304,8 @@ def plan_rollup(
         coalesce=True,
     ).with_columns(pl.col("stored").fill_null(False))
     part_changed = (
-        parts.join(stored_parts, on=[*KEY, "surface"], how="full", coalesce=True, suffix="_old")
+        parts.join(stored.select(KEY), on=KEY, how="semi")
+        .join(stored_parts, on=[*KEY, "surface"], how="full", coalesce=True, suffix="_old")
         .filter(pl.col("value_e4").ne_missing(pl.col("value_e4_old")))
         .select(KEY)
         .unique()
@@ -359,13 +346,11 @@ def plan_rollup(
             stale_after="stale_after",
             computed_at=pl.lit(as_of, TS),
             surfaces_included=pl.when(writes).then(pl.col("surfaces_included")),
+            surface_breakdown=pl.when(writes).then(pl.col("surface_breakdown")),
         )
-    )
-    return (
-        plan.join(breakdown_json(parts), on=KEY, how="left")
-        .with_columns(surface_breakdown=pl.when(writes).then(pl.col("surface_breakdown")))
         .cast(PLAN)
     )
+    return plan
 
 
 def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:

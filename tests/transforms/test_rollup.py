@@ -21,12 +21,12 @@ from derive.transforms.rollup import (
     STORED_PARTS,
     TS,
     aggregate_across_surfaces,
-    breakdown_json,
     decimal_text,
     latest_per_surface,
     plan_rollup,
     skipped,
     stale_after,
+    surface_values,
 )
 
 RULES = load_metrics_rules()
@@ -70,10 +70,11 @@ def sources(*rows: dict[str, Any]) -> pl.LazyFrame:
 
 
 def aggregate(*rows: dict[str, Any], rules: Any = RULES) -> tuple[pl.DataFrame, pl.DataFrame]:
-    aggs, parts = aggregate_across_surfaces(latest_per_surface(sources(*rows)), rules=rules)
+    latest = latest_per_surface(sources(*rows))
+    aggs = aggregate_across_surfaces(latest, rules=rules)
     return (
         aggs.collect().sort("metric_kind"),
-        parts.collect().sort("metric_kind", "surface"),
+        surface_values(latest).collect().sort("metric_kind", "surface"),
     )
 
 
@@ -111,12 +112,9 @@ def test_additive_kind_sums_across_two_surfaces_with_the_breakdown() -> None:
         source("tryst", "profile_view", 120), source("onlyfans", "profile_view", 30.5)
     )
 
-    assert aggs.select("value_e4", "currency", "surfaces_included", "status").row(0) == (
-        e4(150.5),
-        None,
-        ["onlyfans", "tryst"],
-        "ok",
-    )
+    assert aggs.select(
+        "value_e4", "currency", "surfaces_included", "surface_breakdown", "status"
+    ).row(0) == (e4(150.5), None, ["onlyfans", "tryst"], '{"onlyfans": 30.5, "tryst": 120}', "ok")
     expected_parts = pl.DataFrame(
         {
             "user_id": [U1, U1],
@@ -175,10 +173,9 @@ def test_aggregation_comes_from_the_rules_not_the_code() -> None:
 def test_a_kind_missing_from_the_rules_is_not_aggregated() -> None:
     rules = replace(RULES, kinds=(KindRule("search_rank", "min"),))
 
-    aggs, parts = aggregate(source("a", "profile_view", 7), rules=rules)
+    aggs, _ = aggregate(source("a", "profile_view", 7), rules=rules)
 
-    assert aggs.select("value_e4", "status").row(0) == (None, "no_rule")
-    assert parts.is_empty()
+    assert aggs.select("value_e4", "surface_breakdown", "status").row(0) == (None, None, "no_rule")
 
 
 def test_monetary_kind_in_one_currency_is_summed_with_its_currency() -> None:
@@ -191,14 +188,14 @@ def test_monetary_kind_in_one_currency_is_summed_with_its_currency() -> None:
 
 
 def test_mixed_currencies_are_reported_and_not_summed() -> None:
-    aggs, parts = aggregate(
+    aggs, _ = aggregate(
         source("a", "gross_revenue", 10, currency="USD"),
         source("b", "gross_revenue", 5, currency="EUR"),
     )
 
     assert aggs.select("value_e4", "currency", "status").row(0) == (None, None, "mixed_currency")
     assert skipped(aggs.lazy()).collect()["currencies"].to_list() == [["EUR", "USD"]]
-    assert parts.is_empty()
+    assert aggs["surface_breakdown"].to_list() == [None]
 
 
 def test_currency_is_ignored_for_non_monetary_kinds() -> None:
@@ -277,7 +274,9 @@ def stored(
 def plan(
     rows: list[dict[str, Any]], stored_rows: list[tuple[dict[str, Any], list[dict[str, Any]]]]
 ) -> pl.DataFrame:
-    aggs, parts = aggregate_across_surfaces(latest_per_surface(sources(*rows)), rules=RULES)
+    latest = latest_per_surface(sources(*rows))
+    aggs = aggregate_across_surfaces(latest, rules=RULES)
+    parts = surface_values(latest)
     headers = pl.LazyFrame([h for h, _ in stored_rows], schema=STORED)
     stored_parts = pl.LazyFrame([p for _, ps in stored_rows for p in ps], schema=STORED_PARTS)
     result = plan_rollup(aggs, parts, headers, stored_parts, as_of=AS_OF, rules=RULES)
@@ -372,19 +371,13 @@ def test_decimal_text_is_exact_and_short(value_e4: int, text: str) -> None:
 
 
 def test_breakdown_json_escapes_surface_names_and_sorts_them() -> None:
-    parts = pl.LazyFrame(
-        {
-            "user_id": [U1] * 3,
-            "metric_kind": ["profile_view"] * 3,
-            "window_start": [W0] * 3,
-            "window_end": [W1] * 3,
-            "surface": ['we"ird\\', "a", "B"],
-            "value_e4": [15_000, 10_000, -1],
-        },
-        schema=PARTS,
+    aggs, _ = aggregate(
+        source('we"ird\\', "dm_inbound", 1.5),
+        source("a", "dm_inbound", 1),
+        source("B", "dm_inbound", -0.0001),
     )
 
-    result = breakdown_json(parts).collect()["surface_breakdown"].item()
+    result = aggs["surface_breakdown"].item()
 
     assert json.loads(result) == {'we"ird\\': 1.5, "a": 1, "B": -0.0001}
     assert list(json.loads(result)) == ["B", "a", 'we"ird\\']
