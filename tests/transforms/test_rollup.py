@@ -10,11 +10,14 @@ from typing import Any
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from derive.errors import ConfigError
 from derive.metrics_rules import KindRule, load_metrics_rules
 from derive.transforms.rollup import (
+    KEY,
     PARTS,
     SOURCES,
     STORED,
@@ -381,3 +384,41 @@ def test_breakdown_json_escapes_surface_names_and_sorts_them() -> None:
 
     assert json.loads(result) == {'we"ird\\': 1.5, "a": 1, "B": -0.0001}
     assert list(json.loads(result)) == ["B", "a", 'we"ird\\']
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["profile_view", "reply_rate", "search_rank", "tip_amount"]),
+            st.integers(-5, 5),
+            st.sampled_from(["USD", "EUR"]),
+            st.integers(0, 3),
+        ),
+        max_size=12,
+    )
+)
+def test_a_plan_against_its_own_result_writes_nothing(
+    rows: list[tuple[str, str, int, str, int]],
+) -> None:
+    frame = sources(
+        *[
+            source(s, k, v, currency=c if k == "tip_amount" else None, fetched=f, n=i)
+            for i, (s, k, v, c, f) in enumerate(rows)
+        ]
+    )
+    latest = latest_per_surface(frame)
+    aggs = aggregate_across_surfaces(latest, rules=RULES)
+    parts = surface_values(latest)
+    written = plan_rollup(
+        aggs, parts, STORED.to_frame().lazy(), PARTS.to_frame().lazy(), as_of=AS_OF, rules=RULES
+    ).collect()
+    stored = written.select(list(STORED)).lazy()
+    stored_parts = parts.join(stored.select(KEY), on=KEY, how="semi")
+
+    again = plan_rollup(aggs, parts, stored, stored_parts, as_of=AS_OF, rules=RULES).collect()
+
+    assert set(written["outcome"]) <= {"inserted"}
+    assert set(again["outcome"]) <= {"refreshed"}
+    assert again.height == written.height
