@@ -305,7 +305,9 @@ def write_credit_changes(
             db.fetch_value(
                 f"WITH i AS (INSERT INTO attribution_credits ({_CREDIT_FIELDS}, run_id,"
                 f" computed_at) SELECT {_CREDIT_FIELDS}, $1::uuid, now()"
-                " FROM derive_credits_new RETURNING 1) SELECT count(*) FROM i",
+                # In key order: the unique index is then filled page by page, not at random.
+                " FROM derive_credits_new ORDER BY conversion_id, model, touchpoint_id"
+                " RETURNING 1) SELECT count(*) FROM i",
                 (run_id,),
             )
         )

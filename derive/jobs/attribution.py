@@ -103,8 +103,9 @@ def run_attribution(
             surfaces = surface_summary(credits.lazy()).collect()
         with run.phase("write"), db.transaction(role="service_role"):
             stored = read_stored_credits(db, models=models, since=since, as_of=as_of)
-            inserts, updates, deletes = (
-                part.collect() for part in diff_credits(credits.lazy(), stored.lazy())
+            # One plan for the three parts: the key join is computed once, not three times.
+            inserts, updates, deletes = pl.collect_all(
+                list(diff_credits(credits.lazy(), stored.lazy()))
             )
             written = write_credit_changes(
                 db, inserts=inserts, updates=updates, deletes=deletes, run_id=run.run_id
