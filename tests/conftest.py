@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +28,17 @@ def with_database(dsn: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+def admin_dsn() -> str:
     """A superuser DSN of the server the tests use."""
     dsn = os.environ.get("DERIVE_TEST_DSN")
     if dsn:
         return dsn
     from derive.io.embedded import ensure_server
 
-    home = Path(os.environ.get("DERIVE_TEST_HOME", tmp_path_factory.getbasetemp().parent / "pg"))
+    # A fixed place outside pytest's temp root (pytest narrows that to mode 0700 on every run,
+    # which locks out the server's own user when tests run as root). The server is reused.
+    default = Path(tempfile.gettempdir()) / f"derive-test-pg-{os.getuid()}"
+    home = Path(os.environ.get("DERIVE_TEST_HOME", default))
     return with_database(ensure_server(home), "postgres")
 
 
