@@ -166,7 +166,7 @@ def db_stop() -> None:
 
 
 @app.command("demo-data")
-def demo_data(  # noqa: PLR0917 (typer maps parameters to options)
+def demo_data(
     users: Annotated[
         int, typer.Option("--users", min=1, help="Number of users to generate.")
     ] = 10_000,
@@ -525,7 +525,7 @@ MetricsRulesOpt = Annotated[
 
 
 @ingest_app.command("metrics")
-def ingest_metrics_cmd(  # noqa: PLR0917 - typer maps each parameter to an option
+def ingest_metrics_cmd(
     file: Annotated[
         str,
         typer.Argument(
