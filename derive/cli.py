@@ -430,7 +430,8 @@ def attribution_cmd(
     window: Annotated[
         str,
         typer.Option(
-            "--window", help=f"Look-back before each conversion: {DURATION_FORMS}.",
+            "--window",
+            help=f"Look-back before each conversion: {DURATION_FORMS}.",
             metavar="DURATION",
         ),
     ] = "30d",
@@ -984,6 +985,8 @@ def schedule_cmd(
         raise typer.BadParameter(str(exc), param_hint="--every") from None
     for name, text in units.items():
         sys.stdout.write(f"# ---- {name} ----\n{text}\n")
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """A compact rich table."""
     t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)

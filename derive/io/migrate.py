@@ -135,8 +135,11 @@ def check(db: Db) -> list[Check]:
             Check(
                 f"migration {migration.version}_{migration.name}",
                 recorded == migration.checksum,
-                "missing: run `derive db migrate`" if recorded is None
-                else ("" if recorded == migration.checksum else "applied file differs from package"),
+                "missing: run `derive db migrate`"
+                if recorded is None
+                else (
+                    "" if recorded == migration.checksum else "applied file differs from package"
+                ),
             )
         )
     for role in ROLES:
@@ -151,44 +154,62 @@ def check(db: Db) -> list[Check]:
     }
     for table in RLS_TABLES:
         if table not in flags:
-            results.append(Check(f"table {table} exists", False, "missing: run `derive db migrate`"))
+            results.append(
+                Check(f"table {table} exists", False, "missing: run `derive db migrate`")
+            )
             continue
         rls, force = flags[table]
         results.append(
-            Check(f"RLS enabled and forced on {table}", rls and force,
-                  "" if rls and force else f"enabled={rls} forced={force}")
+            Check(
+                f"RLS enabled and forced on {table}",
+                rls and force,
+                "" if rls and force else f"enabled={rls} forced={force}",
+            )
         )
     for table in PROTECTED_TABLES:
         if table not in flags:
             continue
         for role in ("anon", "authenticated"):
             granted = [
-                priv for priv in ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+                priv
+                for priv in ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
                 if db.fetch_value("SELECT has_table_privilege($1, $2, $3)", (role, table, priv))
             ]
             results.append(
-                Check(f"{role} cannot write {table}", not granted,
-                      f"holds {', '.join(granted)}" if granted else "")
+                Check(
+                    f"{role} cannot write {table}",
+                    not granted,
+                    f"holds {', '.join(granted)}" if granted else "",
+                )
             )
     policies = {
-        str(t) for (t,) in db.fetch_all(
+        str(t)
+        for (t,) in db.fetch_all(
             "SELECT tablename FROM pg_policies WHERE policyname = 'tenant_isolation'"
             " AND schemaname = current_schema()"
         )
     }
     for table in TENANT_POLICIES:
         results.append(Check(f"tenant_isolation policy on {table}", table in policies))
-    triggers = {
-        str(name): str(enabled) for name, enabled in db.fetch_all(
-            "SELECT tgname, tgenabled FROM pg_trigger"
-            " WHERE tgrelid = to_regclass('audience_state') AND NOT tgisinternal"
-        )
-    } if "audience_state" in flags else {}
+    triggers = (
+        {
+            str(name): str(enabled)
+            for name, enabled in db.fetch_all(
+                "SELECT tgname, tgenabled FROM pg_trigger"
+                " WHERE tgrelid = to_regclass('audience_state') AND NOT tgisinternal"
+            )
+        }
+        if "audience_state" in flags
+        else {}
+    )
     for trigger in ("audience_state_guard", "audience_state_guard_truncate"):
         state = triggers.get(trigger)
         results.append(
-            Check(f"guard trigger {trigger} enabled", state == "O",
-                  "missing" if state is None else ("" if state == "O" else f"tgenabled={state}"))
+            Check(
+                f"guard trigger {trigger} enabled",
+                state == "O",
+                "missing" if state is None else ("" if state == "O" else f"tgenabled={state}"),
+            )
         )
     db.rollback()
     return results
