@@ -609,9 +609,13 @@ def measure_others(server: str, scale: str) -> list[dict[str, Any]]:
         dsn = recreate_database(server, database)
         migrate_database(dsn)
         log(f"{scale}: measuring benchmarks/{name}.py")
+        job = name.removeprefix("bench_")
         try:
-            for row in measure(dsn, scale=scale):
-                rows.append({"job": name.removeprefix("bench_"), **row})
+            rows.extend({"job": job, **row} for row in measure(dsn, scale=scale))
+        except Exception as exc:
+            # Another job's benchmark failing must not discard the derive figures already taken.
+            log(f"{scale}: benchmarks/{name}.py failed: {exc}")
+            rows.append({"job": job, "case": "—", "note": f"failed: {type(exc).__name__}: {exc}"})
         finally:
             drop_database(server, database)
     return rows
