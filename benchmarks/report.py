@@ -273,9 +273,14 @@ def others_table(results: list[ScaleResult]) -> str:
         lines.append(
             f"| {scale} | {row.get('job', '')} | {row.get('case', '')} | {_int(row.get('rows'))}"
             f" | {_num(row.get('median_s'))} | {_num(row.get('min_s'))} | {_num(row.get('max_s'))}"
-            f" | {_num(row.get('peak_rss_mb'), 0)} | {row.get('note', '') or ''} |"
+            f" | {_num(row.get('peak_rss_mb'), 0)} | {_cell(row.get('note'))} |"
         )
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside one markdown table cell."""
+    return " ".join(str(value or "").replace("|", "/").split())
 
 
 def _int(value: Any) -> str:
