@@ -4,11 +4,19 @@ Rows travel by ADBC bulk ingest (binary COPY) into a temporary table on the job'
 then one ``INSERT ... SELECT`` casts them to the exact column types (text -> uuid, text -> jsonb).
 Large frames go in chunks so the temporary table stays small; all chunks share one transaction,
 so a failure leaves nothing behind.
+
+Events are written in time order with time-ordered ids (UUID version 7, as new events arrive), so
+the primary key and the ``created_at`` index grow at their right edge. Into an empty table the
+secondary indexes are dropped and rebuilt after the load, inside the same transaction: one sort
+per index instead of millions of random page writes (measured: 100k users, 2.3M events, from ~57 s
+to the figure in benchmarks/README.md on an otherwise idle machine).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from derive.io.connect import Db
 
@@ -30,11 +38,17 @@ _EVENT_COLUMNS = (
 )
 _STAGE_EVENTS = "derive_stage_events"
 _INSERT_EVENTS = (
-    "INSERT INTO audience_events (created_at, user_id, session_id, event_type, event_category,"
+    "INSERT INTO audience_events (id, created_at, user_id, session_id, event_type, event_category,"
     " event_source, utm_source, utm_medium, utm_campaign, utm_content, utm_term, metadata)"
-    " SELECT created_at, user_id::uuid, session_id, event_type, event_category, event_source,"
-    " utm_source, utm_medium, utm_campaign, utm_content, utm_term, metadata::jsonb"
-    f" FROM {_STAGE_EVENTS}"
+    " SELECT encode(id, 'hex')::uuid, created_at, user_id::uuid, session_id, event_type,"
+    " event_category, event_source, utm_source, utm_medium, utm_campaign, utm_content, utm_term,"
+    f" metadata::jsonb FROM {_STAGE_EVENTS}"
+)
+_SECONDARY_INDEXES = (
+    "SELECT i.indexname, i.indexdef FROM pg_indexes i"
+    " JOIN pg_index x ON x.indexrelid = format('%I.%I', i.schemaname, i.indexname)::regclass"
+    " WHERE i.tablename = 'audience_events' AND i.schemaname = current_schema()"
+    " AND NOT x.indisprimary"
 )
 _STAGE_USERS = "derive_stage_users"
 _INSERT_USERS = (
@@ -44,19 +58,35 @@ _INSERT_USERS = (
 )
 
 
+def time_ordered_ids(created_at: pl.Series, *, seed: int = 0) -> pl.Series:
+    """UUID version 7 ids (48-bit millisecond time, then random bits) as 16-byte binary."""
+    millis = created_at.dt.epoch("ms").to_numpy().astype(np.uint64)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(len(millis), 16), dtype=np.uint8)
+    for byte in range(6):
+        raw[:, byte] = (millis >> np.uint64(8 * (5 - byte))) & np.uint64(0xFF)
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x70
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
+    array = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(16), len(millis), [None, pa.py_buffer(raw.tobytes())]
+    )
+    return pl.Series("id", array.cast(pa.large_binary()))
+
+
 def _event_frame(events: pl.DataFrame) -> pl.DataFrame:
-    """The events' columns in table order and ingest types (text stays text until the INSERT)."""
+    """The events in time order, with ids, in table order and ingest types."""
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events frame lacks columns {missing}")
-    return events.select(
+    ordered = events.select(
         pl.col("created_at").cast(pl.Datetime("us", "UTC")),
         *[pl.col(c).cast(pl.String) for c in _EVENT_COLUMNS[1:]],
-    )
+    ).sort("created_at")
+    return ordered.select(time_ordered_ids(ordered["created_at"]), pl.all())
 
 
 def append_events(db: Db, events: pl.DataFrame, *, chunk_rows: int = CHUNK_ROWS) -> int:
-    """Insert ``events`` into ``audience_events`` as ``service_role``; ids come from the default.
+    """Insert ``events`` into ``audience_events`` as ``service_role``, in time order.
 
     Args:
         events: ``created_at`` (timestamp with zone), ``user_id`` (uuid text or null),
@@ -72,12 +102,20 @@ def append_events(db: Db, events: pl.DataFrame, *, chunk_rows: int = CHUNK_ROWS)
     """
     frame = _event_frame(events)
     inserted = 0
-    with db.transaction(role="service_role"):
+    with db.transaction():
+        empty = not db.fetch_value("SELECT EXISTS (SELECT 1 FROM audience_events)")
+        rebuild = db.fetch_all(_SECONDARY_INDEXES) if empty and frame.height else []
+        for name, _ in rebuild:
+            db.execute(f'DROP INDEX "{name}"')  # names read from the catalog just above
+        db.execute('SET LOCAL ROLE "service_role"')
         for chunk in frame.iter_slices(n_rows=chunk_rows):
             db.ingest(_STAGE_EVENTS, chunk)
             db.execute(_INSERT_EVENTS)
             db.execute(f"DROP TABLE {_STAGE_EVENTS}")
             inserted += chunk.height
+        db.execute("RESET ROLE")
+        for _, definition in rebuild:
+            db.execute(definition)
     return inserted
 
 
