@@ -153,6 +153,7 @@ def run_derivation(
                     audit=result.audit,
                     rejections=result.to_log,
                 )
+            run.timings.update(written.timings)
             run.counts["users_changed"] = written.states_written
             run.counts["audit_rows"] = written.audit_rows
             run.counts["rejections_logged"] = written.validation_fail_rows
