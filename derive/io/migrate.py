@@ -25,6 +25,10 @@ RLS_TABLES = (
     "metric_aggregates",
     "prospect_touchpoints",
     "attribution_credits",
+    "ingestion_sessions",
+    "ingestion_session_steps",
+    "audience_state_history",
+    "audience_state_history_steps",
 )
 TENANT_POLICIES = (
     "audience_state",
@@ -33,6 +37,8 @@ TENANT_POLICIES = (
     "metric_aggregates",
     "prospect_touchpoints",
     "attribution_credits",
+    "ingestion_sessions",
+    "ingestion_session_steps",
 )
 ROLES = ("service_role", "anon", "authenticated")
 
