@@ -9,8 +9,6 @@ validation happens in the transforms.
 
 from __future__ import annotations
 
-import re
-import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -43,14 +41,6 @@ EVENTS_WINDOW_SQL = (
    AND e.created_at <= current_setting('derive.as_of')::timestamptz"""
 )
 
-#: One of ``derive.parts`` disjoint slices of the window, by a hash of the user id (whole users).
-EVENTS_PART_SQL = (
-    EVENTS_WINDOW_SQL
-    + """
-   AND (uuid_hash(e.user_id) & 2147483647) % current_setting('derive.parts')::int
-       = current_setting('derive.part')::int"""
-)
-
 #: The same window for the users listed in ``derive.users`` (comma-separated uuids).
 EVENTS_USERS_SQL = (
     EVENTS_WINDOW_SQL
@@ -66,14 +56,20 @@ SELECT s.user_id,
        s.last_event_type,
        s.last_activity_at,
        s.metadata ->> 'last_audit_id' AS last_audit_id,
-       a.metadata ->> 'new_state' AS audit_new_state,
+       a.new_state AS audit_new_state,
        a.user_id = s.user_id AS audit_user_matches
   FROM audience_state s
-  LEFT JOIN audience_events a
-         ON a.id = CASE WHEN s.metadata ->> 'last_audit_id' ~ '^[0-9a-f-]{36}$'
-                        THEN (s.metadata ->> 'last_audit_id')::uuid END
-        AND a.event_category = 'system'
-        AND a.event_type IN ('state_change_logged', 'state_adopted')
+  -- One primary-key lookup per state: the cost follows the number of users, not the length of
+  -- the audit history (a hash join would read every audit row ever written).
+  LEFT JOIN LATERAL (
+        SELECT e.user_id, e.metadata ->> 'new_state' AS new_state
+          FROM audience_events e
+         WHERE e.id = CASE WHEN s.metadata ->> 'last_audit_id' ~ '^[0-9a-f-]{36}$'
+                           THEN (s.metadata ->> 'last_audit_id')::uuid END
+           AND e.event_category = 'system'
+           AND e.event_type IN ('state_change_logged', 'state_adopted')
+        OFFSET 0  -- keeps the subquery a per-row lookup (the planner would flatten it into a join)
+       ) a ON true
 """
 STATES_SQL = _STATES
 STATES_USERS_SQL = (
@@ -91,14 +87,20 @@ SELECT e.user_id, e.metadata ->> 'reasons_key' AS reasons_key
    AND (e.metadata ->> 'derived_at')::timestamptz <= current_setting('derive.as_of')::timestamptz
 """
 
+# Two index range scans (anonymous rows sit together in the (user_id, created_at) index, future
+# rows at the end of the created_at index) instead of a second pass over the window. Bound
+# parameters, so the planner sees the bounds and picks the indexes.
 _SIDE_COUNTS_SQL = """
-SELECT count(*) FILTER (WHERE user_id IS NULL
-                          AND created_at >= current_setting('derive.window_start')::timestamptz
-                          AND created_at <= current_setting('derive.as_of')::timestamptz) AS anonymous,
-       count(*) FILTER (WHERE created_at > current_setting('derive.as_of')::timestamptz) AS future
-  FROM audience_events
- WHERE event_category <> 'system'
-   AND created_at >= current_setting('derive.window_start')::timestamptz
+SELECT (SELECT count(*)
+          FROM audience_events
+         WHERE user_id IS NULL
+           AND event_category <> 'system'
+           AND created_at >= $1
+           AND created_at <= $2) AS anonymous,
+       (SELECT count(*)
+          FROM audience_events
+         WHERE created_at > $2
+           AND event_category <> 'system') AS future
 """
 
 
@@ -131,49 +133,6 @@ def read_events(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
     return _conform(db.fetch_df(EVENTS_USERS_SQL if users else EVENTS_WINDOW_SQL), EVENTS)
 
 
-def open_parts(
-    db: Db, *, parts: int, as_of: datetime, lookback: timedelta, relog_after: timedelta
-) -> list[Db]:
-    """Sibling connections, one per slice, sharing ``db``'s snapshot and window settings.
-
-    ``db`` must be inside a REPEATABLE READ transaction: every sibling imports its snapshot, so the
-    slices and whatever ``db`` reads see one consistent state. The caller closes the siblings.
-    """
-    snapshot = str(db.fetch_value("SELECT pg_export_snapshot()"))
-    if not re.fullmatch(r"[0-9A-F]+-[0-9A-F]+-[0-9]+", snapshot):
-        raise ValueError(f"unexpected snapshot id {snapshot!r}")
-    siblings = [db.sibling() for _ in range(parts)]
-    for part, sibling in enumerate(siblings):
-        sibling.rollback()
-        sibling.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        sibling.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # server-made id, checked above
-        sibling.execute('SET LOCAL ROLE "service_role"')
-        set_window(sibling, as_of=as_of, lookback=lookback, relog_after=relog_after)
-        sibling.set_local(part=str(part), parts=str(parts))
-    return siblings
-
-
-def fetch_parts(siblings: list[Db]) -> list[pl.DataFrame]:
-    """Read every slice, one thread per sibling (the driver releases the GIL while it reads)."""
-    results: list[pl.DataFrame | BaseException] = [pl.DataFrame()] * len(siblings)
-
-    def work(i: int) -> None:
-        try:
-            results[i] = _conform(siblings[i].fetch_df(EVENTS_PART_SQL), EVENTS)
-        except BaseException as exc:  # re-raised in the caller's thread
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(siblings))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if isinstance(r, pl.DataFrame)]
-
-
 def read_states(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
     """Stored states with their last audit row's ``new_state`` resolved (point lookups)."""
     return _conform(db.fetch_df(STATES_USERS_SQL if users else STATES_SQL), STORED_STATES)
@@ -184,7 +143,7 @@ def read_recent_rejections(db: Db) -> pl.DataFrame:
     return _conform(db.fetch_df(RECENT_REJECTIONS_SQL), RECENT_REJECTIONS)
 
 
-def read_side_counts(db: Db) -> dict[str, int]:
+def read_side_counts(db: Db, *, window_start: datetime, as_of: datetime) -> dict[str, int]:
     """Anonymous events in the window and events stamped after ``as_of`` (counted, not derived)."""
-    anonymous, future = db.fetch_all(_SIDE_COUNTS_SQL)[0]
+    anonymous, future = db.fetch_all(_SIDE_COUNTS_SQL, (window_start, as_of))[0]
     return {"anonymous": int(anonymous), "future": int(future)}

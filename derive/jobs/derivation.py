@@ -53,10 +53,6 @@ class RunReport:
         }
 
 
-#: Window slices read in parallel on sibling connections (measured in benchmarks/README.md).
-READ_PARTS = 2
-
-
 def read_inputs(
     db: Db,
     *,
@@ -64,31 +60,21 @@ def read_inputs(
     lookback: timedelta,
     rules: Rules,
     users: Sequence[str] = (),
-    parts: int = READ_PARTS,
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, int]]:
     """Events, stored states, recent rejections and side counts, from one consistent snapshot.
 
-    A full run reads the window in ``parts`` slices on sibling connections (by user hash, so each
-    slice holds whole users) that share the snapshot; ``--user`` runs read with one query.
+    One query for the window (reading it in two user-hash slices on sibling connections was
+    measured slower on 2 cores: each slice scans the whole table).
     """
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     db.execute('SET LOCAL ROLE "service_role"')
+    db.execute("SET LOCAL jit = off")  # compiling the read plans cost more than it saved
     read.set_window(db, as_of=as_of, lookback=lookback, relog_after=rules.relog_after, users=users)
-    if users or parts <= 1:
-        events = read.read_events(db, users=users)
-    else:
-        siblings = read.open_parts(
-            db, parts=parts, as_of=as_of, lookback=lookback, relog_after=rules.relog_after
-        )
-        try:
-            events = pl.concat(read.fetch_parts(siblings), rechunk=False)
-        finally:
-            for sibling in siblings:
-                sibling.close()
+    events = read.read_events(db, users=users)
     stored = read.read_states(db, users=users)
     recent = read.read_recent_rejections(db)
-    side = read.read_side_counts(db)
+    side = read.read_side_counts(db, window_start=as_of - lookback, as_of=as_of)
     db.rollback()
     return events, stored, recent, side
 
