@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import polars as pl
 
 from derive.config import STATES, SYSTEM_CATEGORY, Rules
@@ -85,18 +86,22 @@ def derive_states(
     )
     classified = validate.classify_events(derivable, rules=rules).collect()
     valid = validate.valid_events(classified.lazy())
-    marked = dedupe.mark_duplicates(valid, window=rules.dedupe_window)
-    kept = marked.filter("kept")
+    # Dedupe sees the valid rows' keys only; its verdict is aligned back to `classified`, so the
+    # wide frame is filtered once (valid and kept) instead of once per stage.
+    is_valid = classified.get_column("invalid_reason").is_null().to_numpy()
+    keep = np.zeros(len(is_valid), dtype=bool)
+    keep[np.flatnonzero(is_valid)] = dedupe.kept_mask(valid, window=rules.dedupe_window).to_numpy()
+    kept = classified.lazy().filter(pl.Series("kept", keep))
+    duplicates = int(is_valid.sum() - keep.sum())
     stored_lf = stored.lazy()
 
     per_user = metrics.user_metrics(kept, as_of=as_of, rules=rules)
     # Materialised once each: several outputs read them, and one small plan per stage keeps
     # Polars' planning time negligible next to execution.
-    evaluated_df, rejected_df, counts_df, invalid_df = pl.collect_all(
+    evaluated_df, rejected_df, invalid_df = pl.collect_all(
         [
             states.evaluate(per_user, stored_lf, as_of=as_of, rules=rules),
             failsafe.rejections(classified.lazy(), valid, stored_lf, rules=rules),
-            marked.select(valid=pl.len(), duplicates=(~pl.col("kept")).sum()),
             validate.invalid_counts(classified.lazy()),
         ]
     )
@@ -118,7 +123,7 @@ def derive_states(
     return Derivation(
         events_read=classified.height,
         invalid={str(r): int(n) for r, n in invalid_df.iter_rows()},
-        deduplicated=int(counts_df.item(0, "duplicates") or 0),
+        deduplicated=duplicates,
         users_evaluated=evaluated_df.height,
         evaluated=accepted,
         audit=audit_df,
