@@ -70,9 +70,14 @@ class Db:
     :meth:`commit` or :meth:`rollback`; :meth:`transaction` wraps a block in one.
     """
 
-    def __init__(self, conn: Any, label: str) -> None:
+    def __init__(self, conn: Any, label: str, dsn: str = "") -> None:
         self._conn = conn
         self.label = label
+        self._dsn = dsn  # to open a sibling connection; never shown
+
+    def sibling(self) -> Db:
+        """A new connection to the same database."""
+        return connect(self._dsn)
 
     # -- plumbing -----------------------------------------------------------------------------------
     @property
@@ -236,4 +241,4 @@ def connect(dsn: str, *, autocommit: bool = False) -> Db:
         raise SourceError(
             f"cannot connect to PostgreSQL at {label}: {redact(str(exc))} (check --dsn or DERIVE_DSN)"
         ) from None
-    return Db(conn, label)
+    return Db(conn, label, dsn)

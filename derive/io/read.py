@@ -9,6 +9,7 @@ validation happens in the transforms.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -109,6 +110,23 @@ def _conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     if frame.height == 0:
         return pl.DataFrame(schema=schema)
     return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+
+
+def begin_snapshot(db: Db, *, snapshot: str | None = None) -> str:
+    """Start a read-only REPEATABLE READ transaction as ``service_role``; return its snapshot id.
+
+    With ``snapshot``, the transaction adopts that exported snapshot, so two connections read one
+    consistent state of the database.
+    """
+    db.rollback()
+    db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    if snapshot is not None:
+        if not re.fullmatch(r"[0-9A-F]+-[0-9A-F]+-[0-9]+", snapshot):
+            raise ValueError(f"unexpected snapshot id {snapshot!r}")
+        db.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # a server-made id, checked above
+    db.execute('SET LOCAL ROLE "service_role"')
+    db.execute("SET LOCAL jit = off")  # compiling these plans costs more than it saves
+    return str(db.fetch_value("SELECT pg_export_snapshot()"))
 
 
 def set_window(
