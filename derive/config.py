@@ -206,6 +206,16 @@ def load_rules(path: Path | str | None = None) -> Rules:
         ConfigError: naming the file, the key and the value that is wrong.
     """
     file = Path(path) if path is not None else canonical_rules_path()
+    data, sha = read_toml(file)
+    return _RulesParser(str(file)).parse(data, sha)
+
+
+def read_toml(file: Path) -> tuple[dict[str, Any], str]:
+    """A rules file's TOML document and the sha256 of its bytes.
+
+    Raises:
+        ConfigError: the file cannot be read or is not TOML (naming the file).
+    """
     try:
         raw_bytes = file.read_bytes()
     except OSError as exc:
@@ -214,7 +224,7 @@ def load_rules(path: Path | str | None = None) -> Rules:
         data = tomllib.loads(raw_bytes.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"rules file {str(file)!r} is not valid TOML: {exc}") from None
-    return _RulesParser(str(file)).parse(data, hashlib.sha256(raw_bytes).hexdigest())
+    return data, hashlib.sha256(raw_bytes).hexdigest()
 
 
 class _RulesParser:

@@ -6,15 +6,13 @@ fails with a ``ConfigError`` naming the key and the value before any database wo
 
 from __future__ import annotations
 
-import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from derive.config import parse_duration
+from derive.config import parse_duration, read_toml
 from derive.errors import ConfigError, UsageError
 
 #: The ``surface_metric_kind`` enum of migration 0002; a rules file may only name these kinds.
@@ -100,15 +98,8 @@ def load_metrics_rules(path: Path | str | None = None) -> MetricsRules:
         ConfigError: naming the file, the key and the value that is wrong.
     """
     file = Path(path) if path is not None else metrics_rules_path()
-    try:
-        raw_bytes = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read rules file {str(file)!r}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw_bytes.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"rules file {str(file)!r} is not valid TOML: {exc}") from None
-    return _parse(str(file), data, hashlib.sha256(raw_bytes).hexdigest())
+    data, sha = read_toml(file)
+    return _parse(str(file), data, sha)
 
 
 def _fail(source: str, key: str, value: object, expected: str) -> ConfigError:
