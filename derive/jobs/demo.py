@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from derive.config import Rules
 from derive.io.connect import Db
@@ -52,24 +53,37 @@ def load_demo_data(
 
     Raises:
         SchemaError: the database is not migrated.
-        SourceError: the database rejected the load (nothing of the failing block is kept).
+        SourceError: the database rejected the load (nothing of it is kept).
     """
     start = time.perf_counter()
     ensure_migrated(db)
-    counts = {"users": 0, "events": 0, "anonymous": 0}
-    generating = loading = 0.0
+    # Blocks bound the generator's working memory; the events are appended in one call so a load
+    # into an empty table rebuilds its indexes once, after all blocks (see derive.io.load).
+    event_blocks: list[pl.DataFrame] = []
+    people: list[pl.DataFrame] = []
     for size, block_seed in block_seeds(users, seed):
-        tick = time.perf_counter()
-        events = generate_events(
-            size, as_of=as_of, rules=rules, days=days, seed=block_seed, dirty=dirty, bursts=bursts
+        event_blocks.append(
+            generate_events(
+                size,
+                as_of=as_of,
+                rules=rules,
+                days=days,
+                seed=block_seed,
+                dirty=dirty,
+                bursts=bursts,
+            )
         )
-        people = demo_users(size, seed=block_seed)
-        generating += time.perf_counter() - tick
-        tick = time.perf_counter()
-        counts["users"] += append_users(db, people)
-        counts["events"] += append_events(db, events)
-        counts["anonymous"] += events["user_id"].null_count()
-        loading += time.perf_counter() - tick
+        people.append(demo_users(size, seed=block_seed))
+    events = pl.concat(event_blocks, rechunk=False)
+    del event_blocks
+    generating = time.perf_counter() - start
+    tick = time.perf_counter()
+    counts = {
+        "users": append_users(db, pl.concat(people)),
+        "events": append_events(db, events),
+        "anonymous": events["user_id"].null_count(),
+    }
+    loading = time.perf_counter() - tick
     return {
         **counts,
         "seconds": round(time.perf_counter() - start, 2),
