@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from benchmarks.child import Run, figure, run_json
 from derive.io.connect import connect
 
 AS_OF = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
@@ -152,17 +148,9 @@ def load(dsn: str, scale: str) -> int:
     return touchpoints.height
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("derive")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from derive.cli import main; sys.exit(main())"]
-
-
-def run_once(dsn: str) -> tuple[float, float, dict[str, Any]]:
-    """One ``derive attribution --model all`` child: (seconds, peak RSS MB, its JSON report)."""
-    argv = [
-        *_command(),
+def run_once(dsn: str) -> Run:
+    """One ``derive attribution --model all`` child: (seconds, peak RSS MiB, its JSON report)."""
+    return run_json(
         "attribution",
         "--model",
         "all",
@@ -172,41 +160,18 @@ def run_once(dsn: str) -> tuple[float, float, dict[str, Any]]:
         AS_OF.isoformat(),
         "--format",
         "json",
-    ]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"derive attribution failed: {err.read().decode()[-2000:]}")
-        report: dict[str, Any] = json.loads(out.read())
-    return seconds, usage.ru_maxrss / 1024, report
-
-
-def _figure(
-    case: str, rows: int, runs: list[tuple[float, float, dict[str, Any]]]
-) -> dict[str, Any]:
-    seconds = [s for s, _, _ in runs]
-    last = runs[-1][2]
-    counts, timings = last["counts"], last["timings"]
-    phases = " ".join(f"{k} {v:.2f}s" for k, v in timings.items())
-    note = (
-        f"{counts['conversions']:,} conversions, {counts['credits']:,} credits (5 models); "
-        f"inserted {counts['credits_inserted']:,}, updated {counts['credits_updated']:,}; "
-        f"median of {len(runs)}; last run: {phases}"
     )
-    return {
-        "case": case,
-        "rows": rows,
-        "median_s": round(statistics.median(seconds), 3),
-        "min_s": round(min(seconds), 3),
-        "max_s": round(max(seconds), 3),
-        "peak_rss_mb": round(max(r for _, r, _ in runs), 1),
-        "note": note,
-    }
+
+
+def _figure(case: str, rows: int, runs: list[Run]) -> dict[str, Any]:
+    counts = runs[-1][2]["counts"]
+    return figure(
+        case,
+        rows,
+        runs,
+        f"{counts['conversions']:,} conversions, {counts['credits']:,} credits (5 models); "
+        f"inserted {counts['credits_inserted']:,}, updated {counts['credits_updated']:,}",
+    )
 
 
 def measure(dsn: str, *, scale: str) -> list[dict[str, Any]]:
