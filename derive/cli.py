@@ -465,7 +465,7 @@ def attribution_cmd(
     from derive.config import utc_now
     from derive.io.database import open_db
     from derive.jobs.attribution import run_attribution
-    from derive.transforms.attribution import MODELS
+    from derive.schema import MODELS
 
     models = MODELS if model is AttributionModel.all else (model.value,)
     span = _duration(window)

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from derive.io.connect import Db
-from derive.transforms.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
+from derive.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
 
 _EVENT_COLUMNS = """
 SELECT e.id,

@@ -23,13 +23,13 @@ import pyarrow as pa
 
 from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
-from derive.transforms.attribution import (
+from derive.schema import (
     CONVERSION_KINDS,
+    LINES,
     NO_CREDIT_KINDS,
     STORED_CREDITS,
     TOUCHPOINTS,
 )
-from derive.transforms.touchpoints import LINES
 
 # Same grammar as the ingest check: a JSON number or numeric text PostgreSQL's numeric accepts.
 _NUMBER = r"^\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"

@@ -26,8 +26,8 @@ from derive.io import read
 from derive.io.connect import Db
 from derive.io.history import HISTORY
 from derive.io.runlog import job_run
+from derive.schema import RECENT_REJECTIONS, STORED_STATES, empty
 from derive.transforms.pipeline import derive_states
-from derive.transforms.schema import RECENT_REJECTIONS, STORED_STATES, empty
 
 JOB = "backfill"
 #: The audit pointer carried by replayed states: the replay is its own audit trail.

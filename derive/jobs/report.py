@@ -23,8 +23,8 @@ import polars as pl
 from derive import __version__
 from derive.io import history
 from derive.io.connect import Db
+from derive.schema import REJECT_REASONS
 from derive.transforms import report as shape
-from derive.transforms.schema import REJECT_REASONS
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("funnel", "State funnel"),

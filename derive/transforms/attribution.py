@@ -37,70 +37,14 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from derive.transforms.schema import TS
-
-MODELS: tuple[str, ...] = ("first_touch", "last_touch", "linear", "time_decay", "position_based")
-CONVERSION_KINDS: tuple[str, ...] = (
-    "subscription_new",
-    "tip",
-    "booking_confirmed",
-    "booking_completed",
-)
-NO_CREDIT_KINDS: tuple[str, ...] = ("block", "unblock", "subscription_cancel")
-
-#: Conversion values: exact decimals with 9 places (amounts are rounded to that on read).
-VALUE = pl.Decimal(38, 9)
-
-#: Touchpoints as read for attribution (``amount`` as numeric text, null when absent).
-TOUCHPOINTS = pl.Schema(
-    {
-        "id": pl.Binary(),
-        "user_id": pl.Binary(),
-        "org_id": pl.Binary(),
-        "prospect_id": pl.Binary(),
-        "surface": pl.String(),
-        "touchpoint": pl.String(),
-        "occurred_at": TS,
-        "amount": pl.String(),
-        "currency": pl.String(),
-    }
-)
-
-#: One row per (conversion, model, credited touchpoint); ``touchpoint_id`` null = own surface.
-CREDITS = pl.Schema(
-    {
-        "conversion_id": pl.Binary(),
-        "touchpoint_id": pl.Binary(),
-        "user_id": pl.Binary(),
-        "org_id": pl.Binary(),
-        "prospect_id": pl.Binary(),
-        "surface": pl.String(),
-        "model": pl.String(),
-        "weight": pl.Float64(),
-        "attributed_value": VALUE,
-        "currency": pl.String(),
-        "window_days": pl.Float64(),
-        "half_life_days": pl.Float64(),  # time_decay only
-    }
-)
-
-#: Credits as stored: :data:`CREDITS` plus the row's own ``id``.
-STORED_CREDITS = pl.Schema({"id": pl.Binary(), **dict(CREDITS)})
-
-#: What makes a stored credit differ from a computed one (the key is conversion, model, touch).
-CREDIT_KEY = ("conversion_id", "model", "touchpoint_id")
-CREDIT_VALUES = tuple(c for c in CREDITS.names() if c not in CREDIT_KEY)
-
-#: Per-surface totals of a credits frame.
-SURFACE_SUMMARY = pl.Schema(
-    {
-        "model": pl.String(),
-        "surface": pl.String(),
-        "currency": pl.String(),
-        "conversions": pl.UInt32(),
-        "credits": pl.UInt32(),
-        "attributed_value": VALUE,
-    }
+from derive.schema import (
+    CONVERSION_KINDS,
+    CREDIT_KEY,
+    CREDIT_VALUES,
+    CREDITS,
+    MODELS,
+    NO_CREDIT_KINDS,
+    VALUE,
 )
 
 _CONVERSION = ["conversion_id"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from derive.transforms.schema import TS
+from derive.schema import TS
 
 #: ``touchpoint_kind`` enum values (migration 0002).
 TOUCHPOINT_KINDS: tuple[str, ...] = (
@@ -67,8 +67,6 @@ REJECT_REASONS: tuple[str, ...] = (
     "unknown_ingestion_source",
 )
 
-#: Input: one row per line of the file.
-LINES = pl.Schema({"line_no": pl.Int64, "line": pl.String})
 
 #: Output: the parsed fields, ``reason`` null for a valid line.
 PARSED = pl.Schema(

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from derive.cli import app
 from derive.io.connect import connect
 from derive.jobs.attribution import run_attribution
-from derive.transforms.attribution import MODELS
+from derive.schema import MODELS
 
 AS_OF = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -14,8 +14,8 @@ from typing import Any
 import polars as pl
 
 from derive.config import Rules, load_rules
+from derive.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
 from derive.transforms.pipeline import Derivation, derive_states
-from derive.transforms.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
 
 RULES: Rules = load_rules()
 AS_OF = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)

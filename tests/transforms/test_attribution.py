@@ -14,14 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from derive.transforms.attribution import (
-    MODELS,
-    STORED_CREDITS,
-    TOUCHPOINTS,
-    attribute,
-    diff_credits,
-    surface_summary,
-)
+from derive.schema import MODELS, STORED_CREDITS, TOUCHPOINTS
+from derive.transforms.attribution import attribute, diff_credits, surface_summary
 
 CONVERTED_AT = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

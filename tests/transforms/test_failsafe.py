@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from derive.schema import REJECT_REASONS
 from derive.transforms.failsafe import REJECTIONS_SCHEMA, to_log
 from derive.transforms.pipeline import Derivation
-from derive.transforms.schema import REJECT_REASONS
 from tests.transforms.conftest import (
     RULES,
     US,

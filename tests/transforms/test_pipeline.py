@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from derive.config import STATES
+from derive.schema import STORED_STATES
 from derive.transforms.pipeline import Derivation
-from derive.transforms.schema import STORED_STATES
 from tests.transforms.conftest import (
     AS_OF,
     RULES,

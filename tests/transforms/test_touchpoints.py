@@ -9,7 +9,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from derive.transforms.touchpoints import LINES, REJECT_REASONS, parse_touchpoint_lines
+from derive.schema import LINES
+from derive.transforms.touchpoints import REJECT_REASONS, parse_touchpoint_lines
 
 USER = "0b6e1f5a-7c1e-4c59-9f0e-1d2b3c4d5e6f"
 PROSPECT = "9a6e1f5a-7c1e-4c59-9f0e-1d2b3c4d5e6f"
