@@ -361,7 +361,8 @@ time widens the spread between min and max and raises the medians of every case 
   and discarded: the least any job reading that window can cost.
 - (c) `derive run --as-of ... --lookback {LOOKBACK_TEXT} --json` on a fresh copy of the loaded
   database (`CREATE DATABASE derive_bench TEMPLATE derive_bench_loaded`), every user new.
-- (d) the same command again on the result of (c): nothing changes, nothing is written.
+- (d) the same command again on the result of (c), after a `VACUUM ANALYZE` (as autovacuum would
+  have done before the next cron run): nothing changes, nothing is written.
 - (e) the same with `--dry-run`.
 - (c)-(e) run as child processes; wall time includes interpreter start-up, peak RSS is the child's
   `ru_maxrss` (`os.wait4`).
