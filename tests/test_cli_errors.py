@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -12,19 +10,9 @@ import pytest
 
 from derive.config import DURATION_FORMS
 from derive.rules import canonical_rules_path
+from tests.cli import derive
 
 BAD_DSN = "postgresql://u:secret@127.0.0.1:1/x"
-
-
-def derive(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "derive.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "120", "NO_COLOR": "1"},
-    )
 
 
 def plain(text: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from derive.jobs.watch import schedule_units
+from tests.cli import derive
 
 
 def units(every: timedelta) -> dict[str, str]:
@@ -68,17 +68,6 @@ def test_cadences_that_divide_an_hour_or_a_day(every: timedelta, cron: str, cale
 def test_cadences_cron_cannot_express_are_refused(every: timedelta) -> None:
     with pytest.raises(ValueError, match="cadence"):
         units(every)
-
-
-def derive(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "derive.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "NO_COLOR": "1"},
-    )
 
 
 def test_schedule_command_prints_every_unit() -> None:

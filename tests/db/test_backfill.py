@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +19,7 @@ from derive.io.history import HISTORY, Backfill, ParquetHistory, TableHistory
 from derive.jobs.backfill import BackfillReport, StepResult, run_backfill, step_points
 from derive.jobs.demo import load_demo_data
 from derive.jobs.derivation import run_derivation
+from tests.cli import derive
 
 AS_OF = datetime(2026, 6, 30, tzinfo=UTC)
 START = AS_OF - timedelta(days=29)
@@ -209,17 +208,6 @@ def test_a_directory_of_another_backfill_is_refused(
 
     with pytest.raises(UsageError, match="holds a backfill with other parameters"):
         backfill(demo_dsn, rules, out=out)
-
-
-def derive(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "derive.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "160", "NO_COLOR": "1"},
-    )
 
 
 def test_backfill_command_writes_one_file_per_step(demo_dsn: str, tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -15,20 +13,10 @@ from derive.io.connect import connect
 from derive.io.runlog import job_run
 from derive.jobs.derivation import JOB
 from derive.jobs.status import human_duration
+from tests.cli import derive
 from tests.db.helpers import event, insert_events, run, uid
 
 NOW = datetime.now(UTC)
-
-
-def derive(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "derive.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "160", "NO_COLOR": "1"},
-    )
 
 
 def status(dsn: str, *extra: str) -> tuple[int, dict[str, object]]:
