@@ -13,7 +13,7 @@ from derive.config import Rules
 from derive.io.connect import Db
 from derive.io.load import append_events, append_users
 from derive.io.migrate import ensure_migrated
-from derive.transforms.synthetic import demo_users, generate_events
+from derive.jobs.demo_data import demo_users, generate_events
 
 # Users generated and loaded at a time: bounds memory at the 1M-user scale (~23M events).
 BLOCK_USERS = 250_000
@@ -43,7 +43,7 @@ def load_demo_data(
     dirty: bool = False,
     bursts: bool = True,
 ) -> dict[str, Any]:
-    """Generate events for ``users`` users (see :mod:`derive.transforms.synthetic`) and append them.
+    """Generate events for ``users`` users (see :mod:`derive.jobs.demo_data`) and append them.
 
     Also inserts the users' ``users`` rows (id and attribution salt) for the jobs that need them.
 

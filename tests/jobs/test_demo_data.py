@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from derive.config import SYSTEM_CATEGORY, Rules, load_rules
-from derive.transforms.synthetic import (
+from derive.jobs.demo_data import (
     EVENT_COLUMNS,
     UNKNOWN_CATEGORY,
     demo_users,

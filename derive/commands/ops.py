@@ -1,0 +1,263 @@
+"""Operating the jobs: ``derive status``, ``report``, ``backfill`` and ``schedule``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from derive.commands.common import (
+    AsOfOpt,
+    DsnOpt,
+    JsonOpt,
+    RulesOpt,
+    duration,
+    err,
+    out,
+    print_json,
+    rules_from,
+    table,
+    timestamp,
+)
+from derive.config import DURATION_FORMS, parse_timestamp
+from derive.errors import UsageError
+
+
+def status_cmd(
+    max_lag: Annotated[
+        str,
+        typer.Option("--max-lag", help="Unhealthy when the last successful full run is older."),
+    ] = "30m",
+    runs: Annotated[int, typer.Option("--runs", min=1, help="How many recent runs to list.")] = 10,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the last runs, the state distribution, recent rejections and the lag.
+
+    Exits 1 when the last derive run failed (skipped runs aside) or when the last successful
+    full run finished longer than --max-lag ago (or never), so it can serve as a monitoring
+    check. Runs of `derive watch` (user subsets) do not reset the lag.
+    """
+    from derive.io.database import open_db
+    from derive.jobs.status import collect_status
+
+    lag = duration(max_lag)
+    assert lag is not None
+    with open_db(dsn) as db:
+        report = collect_status(db, max_lag=lag, limit=runs)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        _print_status(report)
+    if not report.healthy:
+        raise typer.Exit(1)
+
+
+def _print_status(report: Any) -> None:
+    from rich.markup import escape
+
+    from derive.config import format_duration
+    from derive.jobs.status import human_duration
+
+    lag = report.lag
+    lag_text = "never" if lag is None else human_duration(lag)
+    head = "[green]healthy[/]" if report.healthy else "[red]UNHEALTHY[/]"
+    out.print(
+        f"[bold]{report.database}[/]  {head}  lag {lag_text} (max {format_duration(report.max_lag)})"
+    )
+    for problem in report.problems:
+        out.print(f"[red]problem:[/] {escape(problem)}")
+    rows = [
+        [
+            r["started_at"].strftime("%m-%d %H:%M:%S"),
+            r["status"],
+            r["as_of"].strftime("%Y-%m-%d %H:%M"),
+            "-" if r["seconds"] is None else f"{r['seconds']:.2f}s",
+            r["scope"],
+            "-" if r["users_changed"] is None else r["users_changed"],
+            "-" if r["users_rejected"] is None else r["users_rejected"],
+        ]
+        for r in report.runs.iter_rows(named=True)
+    ]
+    out.print(
+        table(
+            "last runs",
+            ["started", "status", "as_of", "took", "scope", "changed", "rejected"],
+            rows,
+        )
+    )
+    for r in report.runs.filter(report.runs["error"].is_not_null()).iter_rows(named=True):
+        out.print(f"  {r['started_at']:%m-%d %H:%M:%S} {r['status']}: {escape(r['error'])}")
+    out.print(table("states", ["", *report.states], [["users", *report.states.values()]]))
+    out.print(
+        table(
+            "rejections logged",
+            ["reason", "24 h", "7 d", "users 7 d"],
+            [list(r) for r in report.rejections.iter_rows()],
+        )
+    )
+
+
+def report_cmd(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="Where to write the HTML page.", metavar="FILE")
+    ] = Path("report.html"),
+    days: Annotated[int, typer.Option("--days", min=1, help="Days of history to show.")] = 30,
+    top: Annotated[int, typer.Option("--top", min=1, help="Rejected users to list.")] = 20,
+    as_of: AsOfOpt = None,
+    dsn: DsnOpt = None,
+) -> None:
+    """Write the failure dashboard: one self-contained HTML page (inline SVG, opens offline).
+
+    Sections: the state funnel S0..S5, audit transitions per day, rejections per day by reason,
+    run durations, and the most rejected users with their latest evidence. The window is the
+    --days before --as-of (default: now), by the derived_at of the audit rows.
+    """
+    from derive.io.database import open_db
+    from derive.jobs.report import collect_report, write_report
+
+    with open_db(dsn) as db:
+        data = collect_report(db, as_of=timestamp(as_of), days=days, top=top)
+    size = write_report(data, out_file)
+    out.print(f"wrote {out_file} ({size:,} bytes)")
+
+
+def backfill_cmd(
+    from_: Annotated[str, typer.Option("--from", help="First as-of point.", metavar="DATE")],
+    to: Annotated[str, typer.Option("--to", help="Last as-of point (inclusive).", metavar="DATE")],
+    step: Annotated[str, typer.Option("--step", help="Distance between as-of points.")] = "1d",
+    lookback: Annotated[
+        str, typer.Option("--lookback", help=f"Window of each step: {DURATION_FORMS}.")
+    ] = "120d",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write one parquet file per step here.", metavar="DIR"),
+    ] = None,
+    table_name: Annotated[
+        str | None,
+        typer.Option(
+            "--table", help="Write into this table (audience_state_history).", metavar="TABLE"
+        ),
+    ] = None,
+    rules: RulesOpt = None,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay the state machine over past as-of points; audience_state is not touched.
+
+    Starts from an empty prior state at --from and derives every user at each step, feeding
+    each step's states into the next, exactly as successive `derive run --as-of` calls would.
+    Events are read once. Each step is stored whole (a parquet file, or the table's rows plus a
+    marker), so an interrupted backfill resumes after its last complete step.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from derive.io.database import open_db
+    from derive.io.history import Backfill, ParquetHistory, TableHistory
+    from derive.jobs.backfill import StepResult, run_backfill
+
+    if (out_dir is None) == (table_name is None):
+        raise UsageError("give exactly one of --out DIR or --table audience_state_history")
+    if table_name is not None and table_name != "audience_state_history":
+        raise typer.BadParameter(
+            f"{table_name!r}: the history table is audience_state_history", param_hint="--table"
+        )
+    start, end = parse_timestamp(from_), parse_timestamp(to)
+    stride, window = duration(step), duration(lookback)
+    assert stride is not None
+    assert window is not None
+    loaded = rules_from(rules)
+    identity = Backfill(origin=start, step=stride, lookback=window, rules_version=loaded.tag)
+    with (
+        open_db(dsn) as db,
+        Progress(
+            TextColumn("backfill {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=as_json,
+            transient=False,
+        ) as bar,
+    ):
+        store = (
+            ParquetHistory(out_dir, identity) if out_dir is not None else TableHistory(db, identity)
+        )
+        task = bar.add_task("", total=None)
+
+        def on_step(result: StepResult) -> None:
+            bar.update(
+                task,
+                total=result.total,
+                completed=result.index + 1,
+                description=f"{result.as_of:%Y-%m-%d %H:%M}"
+                + (" (done before)" if result.skipped else f" {result.users:,} users"),
+            )
+
+        report = run_backfill(
+            db,
+            start=start,
+            end=end,
+            step=stride,
+            lookback=window,
+            rules=loaded,
+            store=store,
+            progress=on_step,
+        )
+    if as_json:
+        print_json(report.as_dict())
+        return
+    out.print(
+        f"[bold]backfill {report.run_id}[/] -> {report.target}: {report.steps} steps "
+        f"({report.steps - report.steps_skipped} written, {report.steps_skipped} done "
+        f"before), {report.events_read:,} events read"
+    )
+    states = list(report.final)
+    out.print(
+        table(f"states at {end.isoformat()}", ["", *states], [["users", *report.final.values()]])
+    )
+    out.print("timings: " + "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+
+
+def schedule_cmd(
+    every: Annotated[
+        str, typer.Option("--every", help="Cadence (divides an hour or a day).")
+    ] = "15m",
+    lookback: Annotated[
+        str, typer.Option("--lookback", help=f"Window of each run: {DURATION_FORMS}.")
+    ] = "120d",
+    env_file: Annotated[
+        Path, typer.Option("--env-file", help="File that sets DERIVE_DSN (KEY=value lines).")
+    ] = Path("/etc/derive/derive.env"),
+) -> None:
+    """Print a crontab line and systemd units for Mode A (scheduled `derive run`) and Mode B.
+
+    Install the timer with: copy derive-run.service and derive-run.timer to /etc/systemd/system/,
+    then `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75
+    (another run held the lock) counts as success. derive-watch.service (optional) runs
+    `derive watch` next to the timer.
+    """
+    import shutil
+
+    from derive.jobs.watch import schedule_units
+
+    cadence, window = duration(every), duration(lookback)
+    assert cadence is not None
+    assert window is not None
+    executable = shutil.which("derive") or f"{sys.executable} -m derive.cli"
+    try:
+        units = schedule_units(
+            executable=executable, every=cadence, lookback=window, env_file=env_file
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--every") from None
+    for name, text in units.items():
+        sys.stdout.write(f"# ---- {name} ----\n{text}\n")
