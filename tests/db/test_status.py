@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from derive.errors import LockBusy
+from derive.errors import LockBusy, UsageError
 from derive.io.connect import connect
 from derive.io.runlog import job_run
 from derive.jobs.derivation import JOB
-from derive.jobs.status import human_duration
+from derive.jobs.status import (
+    StatusReport,
+    collect_status,
+    human_duration,
+    openmetrics,
+    parse_max_lags,
+)
 from tests.cli import derive
 from tests.db.helpers import event, insert_events, run, uid
 
@@ -208,3 +216,114 @@ def test_rejections_are_counted_by_reason_over_24_hours_and_7_days(
 )
 def test_human_duration_shows_two_units_at_most(seconds: int, expected: str) -> None:
     assert human_duration(timedelta(seconds=seconds)) == expected
+
+
+def metrics_of(dsn: str, **options: object) -> tuple[StatusReport, dict[str, Any]]:
+    with connect(dsn) as db:
+        report = collect_status(db, **options)  # type: ignore[arg-type]
+    text = openmetrics(report)
+    return report, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, Any], name: str, **labels: str) -> float:
+    (value,) = [s.value for s in families[name].samples if s.labels == labels]
+    return float(value)
+
+
+def test_openmetrics_parses_and_names_metrics_the_prometheus_way(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    with (
+        connect(dsn) as db,
+        pytest.raises(RuntimeError),
+        job_run(db, job="rollup", as_of=NOW),
+    ):
+        raise RuntimeError("rollup broke")
+    finished = pg.execute(
+        "SELECT extract(epoch FROM finished_at)::float8, extract(epoch FROM finished_at - started_at)"
+        "::float8 FROM derivation_runs WHERE job = 'derive'"
+    ).fetchone()
+    assert finished is not None
+
+    report, families = metrics_of(dsn)
+
+    assert sample(families, "derive_last_success_timestamp_seconds", job="derive") == pytest.approx(
+        finished[0]
+    )
+    assert sample(families, "derive_last_run_duration_seconds", job="derive") == pytest.approx(
+        finished[1]
+    )
+    assert sample(families, "derive_last_run_failed", job="derive") == 0
+    assert sample(families, "derive_last_run_failed", job="rollup") == 1
+    assert sample(families, "derive_lag_seconds", job="rollup") == float("inf")
+    lag = sample(families, "derive_lag_seconds", job="derive")
+    assert lag == pytest.approx(report.now.timestamp() - finished[0])
+    assert sample(families, "derive_watermark_age_seconds") == pytest.approx(lag)
+    assert sample(families, "derive_max_lag_seconds", job="derive") == 1800
+    assert sample(families, "derive_users", state="S1") == 1
+    assert sample(families, "derive_users", state="S5") == 0
+    assert sample(families, "derive_runs_24h", job="rollup", status="failed") == 1
+    assert sample(families, "derive_last_run_users_changed", job="derive") == 1
+    assert sample(families, "derive_healthy") == 0
+    assert sample(families, "derive_problems") == 1
+    assert families["derive_lag_seconds"].unit == "seconds"
+
+
+def test_openmetrics_counts_rejections_per_reason_and_window(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    pg.execute(
+        "INSERT INTO audience_events (created_at, user_id, event_type, event_category, metadata)"
+        " VALUES (clock_timestamp() - interval '2 days', %s, 'validation_fail', 'system',"
+        ' \'{"reasons": ["volume_spike"]}\')',
+        (uid(5),),
+    )
+
+    _, families = metrics_of(dsn)
+
+    assert sample(families, "derive_rejections", reason="volume_spike", window="24h") == 0
+    assert sample(families, "derive_rejections", reason="volume_spike", window="7d") == 1
+    assert sample(families, "derive_rejected_users_7d", reason="volume_spike") == 1
+
+
+def test_a_job_with_a_max_lag_that_never_ran_is_late(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+
+    report, families = metrics_of(dsn, max_lag=parse_max_lags(["prune=26h"]))
+
+    assert report.problems == ["no prune run has succeeded yet"]
+    assert sample(families, "derive_lag_seconds", job="prune") == float("inf")
+    assert sample(families, "derive_max_lag_seconds", job="prune") == 26 * 3600
+
+
+def test_a_failed_run_of_another_job_is_a_problem(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+    with connect(dsn) as db, pytest.raises(RuntimeError), job_run(db, job="prune", as_of=NOW):
+        raise RuntimeError("disk full")
+
+    with connect(dsn) as db:
+        report = collect_status(db)
+
+    (problem,) = report.problems
+    assert problem.startswith("the last prune run (")
+    assert problem.endswith("failed: RuntimeError: disk full")
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([], {"derive": timedelta(minutes=30)}),
+        (["1h"], {"derive": timedelta(hours=1)}),
+        (["prune=26h", "10m"], {"derive": timedelta(minutes=10), "prune": timedelta(hours=26)}),
+    ],
+)
+def test_max_lag_values(values: list[str], expected: dict[str, timedelta]) -> None:
+    assert parse_max_lags(values) == expected
+
+
+@pytest.mark.parametrize("value", ["=1h", "prune=", "prune=soon", "1 week"])
+def test_bad_max_lag_values_name_the_value(value: str) -> None:
+    with pytest.raises(UsageError, match="invalid --max-lag"):
+        parse_max_lags([value])
