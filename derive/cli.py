@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from derive import __version__
-from derive.commands import db, demo, ingest, jobs, ops, run_watch
+from derive.commands import db, demo, ingest, jobs, ops, privacy, run_watch
 from derive.commands.common import err, out
 from derive.errors import DeriveError
 
@@ -55,6 +55,8 @@ app.command("report")(ops.report_cmd)
 app.command("watch")(run_watch.watch_cmd)
 app.command("backfill")(ops.backfill_cmd)
 app.command("schedule")(ops.schedule_cmd)
+app.command("export")(privacy.export_cmd)
+app.command("erase")(privacy.erase_cmd)
 
 
 @app.callback(invoke_without_command=True)

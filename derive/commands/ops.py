@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,34 +26,78 @@ from derive.config import DURATION_FORMS, parse_timestamp
 from derive.errors import UsageError
 
 
+class StatusFormat(StrEnum):
+    """``derive status --format`` values."""
+
+    table = "table"
+    json = "json"
+    openmetrics = "openmetrics"
+
+
 def status_cmd(
     max_lag: Annotated[
-        str,
-        typer.Option("--max-lag", help="Unhealthy when the last successful full run is older."),
-    ] = "30m",
+        list[str] | None,
+        typer.Option(
+            "--max-lag",
+            help="Late when the last successful full run is older: DURATION for derive (default "
+            "30m) or JOB=DURATION for another job, e.g. prune=26h (repeatable).",
+            metavar="[JOB=]DURATION",
+        ),
+    ] = None,
     runs: Annotated[int, typer.Option("--runs", min=1, help="How many recent runs to list.")] = 10,
+    output: Annotated[
+        StatusFormat,
+        typer.Option(
+            "--format",
+            help="table, json, or openmetrics (Prometheus text, for a node-exporter textfile "
+            "collector or a push gateway).",
+        ),
+    ] = StatusFormat.table,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Health check: exit 1 when a job is failing or late. With the table format, "
+            "print only the verdict (one line per problem).",
+        ),
+    ] = False,
     dsn: DsnOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the last runs, the state distribution, recent rejections and the lag.
+    """Show every job's health, the last derive runs, the state distribution and rejections.
 
-    Exits 1 when the last derive run failed (skipped runs aside) or when the last successful
-    full run finished longer than --max-lag ago (or never), so it can serve as a monitoring
-    check. Runs of `derive watch` (user subsets) do not reset the lag.
+    A job is failing when its last run (skipped runs aside) failed, and late when its last
+    successful full-scope run finished longer than its --max-lag ago (or never). Runs given a
+    user list (`derive run --user`) do not reset the lag. Exit code 0 whatever the health,
+    unless --check: then 1 when any job is failing or late, for cron wrappers and health checks.
     """
     from derive.io.database import open_db
-    from derive.jobs.status import collect_status
+    from derive.jobs.status import collect_status, openmetrics, parse_max_lags
 
-    lag = duration(max_lag)
-    assert lag is not None
+    lags = parse_max_lags(max_lag or [])
     with open_db(dsn) as db:
-        report = collect_status(db, max_lag=lag, limit=runs)
-    if as_json:
+        report = collect_status(db, max_lag=lags, limit=runs)
+    chosen = StatusFormat.json if as_json else output
+    if chosen is StatusFormat.json:
         print_json(report.as_dict())
+    elif chosen is StatusFormat.openmetrics:
+        sys.stdout.write(openmetrics(report))
+    elif check:
+        _print_verdict(report)
     else:
         _print_status(report)
-    if not report.healthy:
+    if check and not report.healthy:
         raise typer.Exit(1)
+
+
+def _print_verdict(report: Any) -> None:
+    from derive.jobs.status import human_duration
+
+    if report.healthy:
+        lag = "never" if report.lag is None else human_duration(report.lag)
+        out.print(f"ok: {report.database}, derive lag {lag}", markup=False)
+    for problem in report.problems:
+        out.print(f"problem: {problem}", markup=False)
 
 
 def _print_status(report: Any) -> None:
@@ -90,6 +135,24 @@ def _print_status(report: Any) -> None:
     )
     for r in report.runs.filter(report.runs["error"].is_not_null()).iter_rows(named=True):
         out.print(f"  {r['started_at']:%m-%d %H:%M:%S} {r['status']}: {escape(r['error'])}")
+    out.print(
+        table(
+            "jobs",
+            ["job", "last run", "last success", "lag", "24 h ok/failed/skipped"],
+            [
+                [
+                    j["job"],
+                    j["last_status"] or "-",
+                    "-" if j["last_success"] is None else f"{j['last_success']:%m-%d %H:%M:%S}",
+                    "never"
+                    if j["last_success"] is None
+                    else human_duration(report.lag_of(j["job"])),
+                    f"{j['succeeded_24h']}/{j['failed_24h']}/{j['skipped_24h']}",
+                ]
+                for j in report.jobs.iter_rows(named=True)
+            ],
+        )
+    )
     out.print(table("states", ["", *report.states], [["users", *report.states.values()]]))
     out.print(
         table(

@@ -28,7 +28,7 @@ NOW = datetime.now(UTC)
 
 
 def status(dsn: str, *extra: str) -> tuple[int, dict[str, object]]:
-    result = derive("status", "--dsn", dsn, "--json", *extra)
+    result = derive("status", "--dsn", dsn, "--json", "--check", *extra)
     assert result.stderr == ""
     return result.returncode, json.loads(result.stdout)
 
@@ -81,15 +81,68 @@ def test_status_reflects_a_failed_run_and_exits_non_zero(dsn: str, pg: psycopg.C
     assert runs[0]["error"] == "RuntimeError: disk full"
 
 
-def test_status_table_names_the_failure(dsn: str, pg: psycopg.Connection) -> None:
+def test_status_table_names_the_failure_and_exits_zero_without_check(
+    dsn: str, pg: psycopg.Connection
+) -> None:
     successful_run(dsn, pg)
     failed_run(dsn, "disk full")
 
     result = derive("status", "--dsn", dsn)
 
-    assert result.returncode == 1
+    assert result.returncode == 0
     assert "UNHEALTHY" in result.stdout
     assert "RuntimeError: disk full" in result.stdout
+
+
+def test_check_prints_the_verdict_and_exits_one_when_failing(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    failed_run(dsn, "disk full")
+
+    result = derive("status", "--dsn", dsn, "--check")
+
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("problem: the last run (")
+    assert line.endswith("failed: RuntimeError: disk full")
+
+
+def test_check_is_quiet_and_zero_when_healthy(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+
+    result = derive("status", "--dsn", dsn, "--check")
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: ")
+
+
+def test_check_reports_a_late_job_named_by_max_lag(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+
+    result = derive("status", "--dsn", dsn, "--check", "--max-lag", "prune=26h")
+
+    assert result.returncode == 1
+    assert result.stdout == "problem: no prune run has succeeded yet\n"
+
+
+def test_openmetrics_output_of_the_command_parses(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+
+    result = derive("status", "--dsn", dsn, "--format", "openmetrics")
+
+    assert result.returncode == 0
+    assert result.stdout.endswith("# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(result.stdout)}
+    assert families["derive_last_success_timestamp_seconds"].samples[0].labels == {"job": "derive"}
+    assert families["derive_healthy"].samples[0].value == 1
+
+
+def test_a_bad_max_lag_is_a_usage_error(dsn: str) -> None:
+    result = derive("status", "--dsn", dsn, "--max-lag", "soon")
+
+    assert result.returncode == 2
+    assert "invalid --max-lag 'soon'" in result.stderr
 
 
 def test_a_later_success_clears_the_failure(dsn: str, pg: psycopg.Connection) -> None:
