@@ -81,8 +81,9 @@ CONVERSION_KINDS: tuple[str, ...] = (
 )
 NO_CREDIT_KINDS: tuple[str, ...] = ("block", "unblock", "subscription_cancel")
 
-#: Conversion values: exact decimals with 9 places (amounts are rounded to that on read).
-VALUE = pl.Decimal(38, 9)
+#: Conversion and credit values: exact decimals with up to 18 places and 20 integer digits (the
+#: read flags larger or finer amounts as bad, the touchpoint ingest refuses them).
+VALUE = pl.Decimal(38, 18)
 
 #: Touchpoints as read for attribution (``amount`` as numeric text, null when absent).
 TOUCHPOINTS = pl.Schema(

@@ -166,6 +166,24 @@ def _bounds(db: Db, *, since: datetime | None, as_of: datetime, window: timedelt
     db.set_local(touch_from=touch_from, as_of=as_of.isoformat())
 
 
+def lock_sources(db: Db) -> None:
+    """Hold off writers of ``prospect_touchpoints`` until the caller's transaction ends.
+
+    ``attribution_credits`` has no foreign keys (migration 0010): a touchpoint deleted after the
+    job read it would leave credits naming it. Reading and writing under a SHARE lock makes the
+    job see every delete that committed before it and lets none commit until its credits are in,
+    so the delete trigger then removes them. Ingests and deletes of touchpoints wait for the run
+    (seconds); readers never do.
+    """
+    db.execute("LOCK TABLE prospect_touchpoints IN SHARE MODE")
+
+
+#: Largest conversion amount credited exactly: 20 integer digits, 18 decimal places (the
+#: credit value's Decimal(38, 18)). Larger or finer amounts count as bad amounts.
+AMOUNT_INTEGER_DIGITS = 20
+AMOUNT_SCALE = 18
+
+
 def read_attribution_touchpoints(
     db: Db, *, since: datetime | None, as_of: datetime, window: timedelta
 ) -> pl.DataFrame:
@@ -173,26 +191,36 @@ def read_attribution_touchpoints(
 
     ``occurred_at`` in ``[since - window, as_of]`` (all history up to ``as_of`` without
     ``since``); anonymous rows and never-credited kinds stay in the database. A conversion's
-    ``amount`` comes as numeric text rounded to 9 places (null when absent or not a number);
-    ``bad_amount`` flags an amount that is present but not a number.
+    ``amount`` comes as exact numeric text (null when absent or not a number); ``bad_amount``
+    flags an amount that is present but not a number, or has more than
+    :data:`AMOUNT_SCALE` decimal places or :data:`AMOUNT_INTEGER_DIGITS` integer digits (the
+    ingest refuses those; they can only come from another writer).
     """
     _bounds(db, since=since, as_of=as_of, window=window)
+    fits = (
+        f"scale(t.amount_num) <= {AMOUNT_SCALE}"
+        f" AND abs(t.amount_num) < 1e{AMOUNT_INTEGER_DIGITS}"
+    )
     frame = db.fetch_df(
-        "SELECT t.id, t.user_id, t.org_id, t.prospect_id, t.surface, t.touchpoint::text"
-        "   AS touchpoint, t.occurred_at,"
-        f"  CASE WHEN t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
-        f"        AND t.payload_jsonb ->> 'amount' ~ '{_NUMBER}'"
-        "    THEN round((t.payload_jsonb ->> 'amount')::numeric, 9)::text END AS amount,"
-        f"  CASE WHEN t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
-        "    THEN t.payload_jsonb ->> 'currency' END AS currency,"
-        f"  coalesce(t.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
-        "    AND t.payload_jsonb ? 'amount' AND jsonb_typeof(t.payload_jsonb -> 'amount') <> 'null'"
-        f"    AND NOT (t.payload_jsonb ->> 'amount' ~ '{_NUMBER}'), false) AS bad_amount"
-        " FROM prospect_touchpoints t"
-        " WHERE t.prospect_id IS NOT NULL"
-        f"  AND t.touchpoint NOT IN ({_kinds(NO_CREDIT_KINDS)})"
-        "   AND t.occurred_at >= current_setting('derive.touch_from')::timestamptz"
-        "   AND t.occurred_at <= current_setting('derive.as_of')::timestamptz"
+        "SELECT t.id, t.user_id, t.org_id, t.prospect_id, t.surface, t.touchpoint, t.occurred_at,"
+        f"  CASE WHEN {fits} THEN t.amount_num::text END AS amount, t.currency,"
+        "   coalesce(t.has_amount AND NOT (t.amount_num IS NOT NULL AND"
+        f"  {fits}), false) AS bad_amount"
+        " FROM (SELECT p.id, p.user_id, p.org_id, p.prospect_id, p.surface,"
+        "   p.touchpoint::text AS touchpoint, p.occurred_at,"
+        f"  CASE WHEN p.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        f"        AND p.payload_jsonb ->> 'amount' ~ '{_NUMBER}'"
+        "    THEN (p.payload_jsonb ->> 'amount')::numeric END AS amount_num,"
+        f"  CASE WHEN p.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        "    THEN p.payload_jsonb ->> 'currency' END AS currency,"
+        f"  p.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
+        "    AND p.payload_jsonb ? 'amount'"
+        "    AND jsonb_typeof(p.payload_jsonb -> 'amount') <> 'null' AS has_amount"
+        "   FROM prospect_touchpoints p"
+        "  WHERE p.prospect_id IS NOT NULL"
+        f"   AND p.touchpoint NOT IN ({_kinds(NO_CREDIT_KINDS)})"
+        "    AND p.occurred_at >= current_setting('derive.touch_from')::timestamptz"
+        "    AND p.occurred_at <= current_setting('derive.as_of')::timestamptz) AS t"
     )
     return frame.cast(pl.Schema({**dict(TOUCHPOINTS), "bad_amount": pl.Boolean()}))
 
@@ -259,6 +287,9 @@ _CREDIT_FIELDS = (
     "conversion_id, touchpoint_id, user_id, org_id, prospect_id, surface, model, weight,"
     " attributed_value, currency, window_days, half_life_days"
 )
+# The same columns as selected from a staged frame: values carry 18 decimal places in Arrow and
+# are stored without trailing zeros (10.5, not 10.500000000000000000).
+_CREDIT_VALUES_SQL = _CREDIT_FIELDS.replace("attributed_value", "trim_scale(attributed_value)")
 
 
 def write_credit_changes(
@@ -290,7 +321,7 @@ def write_credit_changes(
             db.fetch_value(
                 "WITH u AS (UPDATE attribution_credits a SET user_id = c.user_id,"
                 " org_id = c.org_id, prospect_id = c.prospect_id, surface = c.surface,"
-                " weight = c.weight, attributed_value = c.attributed_value,"
+                " weight = c.weight, attributed_value = trim_scale(c.attributed_value),"
                 " currency = c.currency, window_days = c.window_days,"
                 " half_life_days = c.half_life_days, run_id = $1::uuid, computed_at = now()"
                 " FROM derive_credits_changed c WHERE a.id = c.id RETURNING 1)"
@@ -301,12 +332,19 @@ def write_credit_changes(
         db.execute("DROP TABLE derive_credits_changed")
     if inserts.height:
         _stage(db, "derive_credits_new", inserts, _CREDIT_UUIDS)
+        # In key order, with time-ordered ids (UUIDv7 layout: milliseconds, version 7, a
+        # counter) instead of the column's random default: the primary key and the unique index
+        # are then filled at their right edge, page by page, not at random.
         counts["inserted"] = int(
             db.fetch_value(
-                f"WITH i AS (INSERT INTO attribution_credits ({_CREDIT_FIELDS}, run_id,"
-                f" computed_at) SELECT {_CREDIT_FIELDS}, $1::uuid, now()"
-                # In key order: the unique index is then filled page by page, not at random.
-                " FROM derive_credits_new ORDER BY conversion_id, model, touchpoint_id"
+                f"WITH i AS (INSERT INTO attribution_credits (id, {_CREDIT_FIELDS}, run_id,"
+                " computed_at) SELECT"
+                " (lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12,"
+                "  '0') || '70008' || lpad(to_hex(row_number() OVER w), 15, '0'))::uuid,"
+                f" {_CREDIT_VALUES_SQL}, $1::uuid, now()"
+                " FROM derive_credits_new"
+                " WINDOW w AS (ORDER BY conversion_id, model, touchpoint_id)"
+                " ORDER BY conversion_id, model, touchpoint_id"
                 " RETURNING 1) SELECT count(*) FROM i",
                 (run_id,),
             )

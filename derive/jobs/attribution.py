@@ -20,6 +20,7 @@ from derive.io.connect import Db
 from derive.io.runlog import job_run
 from derive.io.touchpoints import (
     anonymous_counts,
+    lock_sources,
     read_attribution_touchpoints,
     read_stored_credits,
     write_credit_changes,
@@ -27,6 +28,11 @@ from derive.io.touchpoints import (
 from derive.transforms.attribution import attribute, diff_credits, surface_summary
 
 JOB = "attribution"
+
+
+def decimal_text(value: pl.Expr, /) -> pl.Expr:
+    """A Decimal as its exact text without trailing zeros (``40.000`` -> ``40``)."""
+    return value.cast(pl.String).str.replace(r"\.?0+$", "")
 
 
 @dataclass
@@ -44,6 +50,10 @@ class AttributionReport:
     counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def surfaces_text(self) -> pl.DataFrame:
+        """:attr:`surfaces` with values as exact decimal text without trailing zeros (CSV, JSON)."""
+        return self.surfaces.with_columns(decimal_text(pl.col("attributed_value")))
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (values as decimal strings, so no precision is lost)."""
         return {
@@ -55,9 +65,7 @@ class AttributionReport:
             "as_of": self.as_of,
             "counts": self.counts,
             "timings": self.timings,
-            "surfaces": self.surfaces.with_columns(
-                pl.col("attributed_value").cast(pl.String)
-            ).to_dicts(),
+            "surfaces": self.surfaces_text().to_dicts(),
             "anonymous": self.anonymous.to_dicts(),
         }
 
@@ -88,28 +96,34 @@ def run_attribution(
         "since": since,
     }
     with job_run(db, job=JOB, as_of=as_of, lookback=window, args=args) as run:
-        with run.phase("read"), db.transaction(role="service_role"):
-            touchpoints = read_attribution_touchpoints(db, since=since, as_of=as_of, window=window)
-            anonymous = anonymous_counts(db, since=since, as_of=as_of, window=window)
-        with run.phase("compute"):
-            credits = attribute(
-                touchpoints.lazy().drop("bad_amount"),
-                models=models,
-                window=window,
-                half_life=half_life,
-                since=since,
-                as_of=as_of,
-            ).collect()
-            surfaces = surface_summary(credits.lazy()).collect()
-        with run.phase("write"), db.transaction(role="service_role"):
-            stored = read_stored_credits(db, models=models, since=since, as_of=as_of)
-            # One plan for the three parts: the key join is computed once, not three times.
-            inserts, updates, deletes = pl.collect_all(
-                list(diff_credits(credits.lazy(), stored.lazy()))
-            )
-            written = write_credit_changes(
-                db, inserts=inserts, updates=updates, deletes=deletes, run_id=run.run_id
-            )
+        # One transaction under a SHARE lock on the touchpoints (see lock_sources): no touchpoint
+        # can be deleted between the read and the write, so no credit can name a missing one.
+        with db.transaction(role="service_role"):
+            with run.phase("read"):
+                lock_sources(db)
+                touchpoints = read_attribution_touchpoints(
+                    db, since=since, as_of=as_of, window=window
+                )
+                anonymous = anonymous_counts(db, since=since, as_of=as_of, window=window)
+            with run.phase("compute"):
+                credits = attribute(
+                    touchpoints.lazy().drop("bad_amount"),
+                    models=models,
+                    window=window,
+                    half_life=half_life,
+                    since=since,
+                    as_of=as_of,
+                ).collect()
+                surfaces = surface_summary(credits.lazy()).collect()
+            with run.phase("write"):
+                stored = read_stored_credits(db, models=models, since=since, as_of=as_of)
+                # One plan for the three parts: the key join is computed once, not three times.
+                inserts, updates, deletes = pl.collect_all(
+                    list(diff_credits(credits.lazy(), stored.lazy()))
+                )
+                written = write_credit_changes(
+                    db, inserts=inserts, updates=updates, deletes=deletes, run_id=run.run_id
+                )
         run.counts = {
             "touchpoints_read": touchpoints.height,
             "conversions": credits["conversion_id"].n_unique(),

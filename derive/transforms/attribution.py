@@ -172,7 +172,7 @@ def model_weight(model: str, *, half_life: timedelta) -> pl.Expr:
 
 
 def _distribute_value() -> pl.Expr:
-    """``weight * value`` at 9 decimals, the remainder on the largest (latest) weight."""
+    """``weight * value`` at 9 decimals, the exact remainder on the largest (latest) weight."""
     share = (pl.col("weight") * pl.col("value").cast(pl.Float64)).round(9).cast(VALUE)
     remainder = pl.col("value") - share.sum().over(_CONVERSION_MODEL)
     anchor = pl.col("position") == (

@@ -245,10 +245,10 @@ def test_cli_attribution_prints_per_surface_values_as_csv_and_json(
     assert as_csv.exit_code == 0, as_csv.output
     assert as_csv.output.splitlines() == [
         "model,surface,currency,conversions,credits,attributed_value",
-        "last_touch,tryst,USD,1,1,40.000000000",
+        "last_touch,tryst,USD,1,1,40",
     ]
     payload = json.loads(as_json.output)
-    assert payload["surfaces"][0]["attributed_value"] == "40.000000000"
+    assert payload["surfaces"][0]["attributed_value"] == "40"
     assert payload["anonymous"] == [{"surface": "onlyfans", "touchpoints": 1, "conversions": 0}]
     assert as_table.exit_code == 0
     assert "tryst" in as_table.output

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from derive.schema import MODELS, STORED_CREDITS, TOUCHPOINTS
+from derive.schema import MODELS, STORED_CREDITS, TOUCHPOINTS, VALUE
 from derive.transforms.attribution import attribute, diff_credits, surface_summary
 
 CONVERTED_AT = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
@@ -240,7 +240,7 @@ def test_no_prior_touch_gives_full_credit_to_the_own_surface(model: str) -> None
             "touchpoint_id": pl.Binary,
             "surface": pl.String,
             "weight": pl.Float64,
-            "attributed_value": pl.Decimal(38, 9),
+            "attributed_value": VALUE,
             "currency": pl.String,
         },
     )
@@ -376,7 +376,7 @@ def test_surface_summary_sums_per_model_surface_and_currency() -> None:
             "currency": pl.String,
             "conversions": pl.UInt32,
             "credits": pl.UInt32,
-            "attributed_value": pl.Decimal(38, 9),
+            "attributed_value": VALUE,
         },
     )
     assert_frame_equal(result, expected)
