@@ -99,7 +99,7 @@ def attribution_cmd(
         print_json(report.as_dict())
         return
     if output is OutputFormat.csv:
-        sys.stdout.write(report.surfaces.write_csv())
+        sys.stdout.write(report.surfaces_text().write_csv())
         return
     c = report.counts
     out.print(
@@ -126,7 +126,9 @@ def attribution_cmd(
             )
         )
     if c["conversions_bad_amount"]:
-        out.print(f"{c['conversions_bad_amount']} conversions have a non-numeric amount (value 0)")
+        out.print(
+            f"{c['conversions_bad_amount']} conversions have an amount that is not a number or exceeds 18 decimal places / 20 digits (value 0)"
+        )
     timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
     out.print(f"timings: {timings}")
 

@@ -198,8 +198,7 @@ def read_attribution_touchpoints(
     """
     _bounds(db, since=since, as_of=as_of, window=window)
     fits = (
-        f"scale(t.amount_num) <= {AMOUNT_SCALE}"
-        f" AND abs(t.amount_num) < 1e{AMOUNT_INTEGER_DIGITS}"
+        f"scale(t.amount_num) <= {AMOUNT_SCALE} AND abs(t.amount_num) < 1e{AMOUNT_INTEGER_DIGITS}"
     )
     frame = db.fetch_df(
         "SELECT t.id, t.user_id, t.org_id, t.prospect_id, t.surface, t.touchpoint, t.occurred_at,"

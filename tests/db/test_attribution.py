@@ -9,11 +9,13 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
 from derive.cli import app
 from derive.io.connect import connect
+from derive.io.touchpoints import lock_sources
 from derive.jobs.attribution import run_attribution
 from derive.schema import MODELS
 
@@ -217,6 +219,124 @@ def test_non_numeric_amount_counts_as_zero_and_is_reported(
 
     assert [r[6] for r in credits(pg)] == [Decimal(0)]
     assert report.counts["conversions_bad_amount"] == 1
+
+
+@pytest.mark.parametrize(
+    "amount", ["10.1234567891234", "0.000000000000000001", "12345678901234567890.5"]
+)
+def test_credits_sum_exactly_to_amounts_beyond_9_decimals(
+    dsn: str, pg: psycopg.Connection, amount: str
+) -> None:
+    tip = journey_with_amount(pg, Decimal(amount))
+
+    attribute(dsn)
+
+    sums = pg.execute(
+        "SELECT model, sum(attributed_value) FROM attribution_credits WHERE conversion_id = %s"
+        " GROUP BY model",
+        (tip,),
+    ).fetchall()
+    assert {m: v for m, v in sums} == {m: Decimal(amount) for m in MODELS}
+
+
+@pytest.mark.parametrize("amount", ["1.1234567890123456789", "123456789012345678901"])
+def test_amount_beyond_18_decimals_or_20_digits_is_a_bad_amount(
+    dsn: str, pg: psycopg.Connection, amount: str
+) -> None:
+    journey_with_amount(pg, Decimal(amount))
+
+    report = attribute(dsn, models=("linear",))
+
+    assert report.counts["conversions_bad_amount"] == 1
+    assert {r[6] for r in credits(pg)} == {Decimal(0)}
+
+
+def journey_with_amount(pg: psycopg.Connection, amount: Decimal) -> str:
+    user, prospect = setup_people(pg)
+    for days, surface in ((9, "x"), (5, "tryst"), (2, "x")):
+        add_touch(pg, user, prospect, surface=surface, kind="dm_inbound", at=AS_OF - days * DAY)
+    row = pg.execute(
+        "INSERT INTO prospect_touchpoints (user_id, prospect_id, surface, touchpoint, external_id,"
+        " occurred_at, payload_jsonb, ingestion_source) VALUES (%s, %s, 'onlyfans', 'tip', 'tip-1',"
+        " %s, jsonb_build_object('amount', %s::numeric, 'currency', 'USD'), 'manual')"
+        " RETURNING id::text",
+        (user, prospect, AS_OF - DAY, amount),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_deleting_a_touchpoint_removes_the_credits_naming_it(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    ids = journey(pg)
+    attribute(dsn)
+    before = credits(pg)
+
+    pg.execute("DELETE FROM prospect_touchpoints WHERE id = %s", (ids["dm"],))
+
+    after = credits(pg)
+    assert any(r[2] == ids["dm"] for r in before)
+    assert [r for r in before if r[2] != ids["dm"]] == after
+
+
+def test_deleting_a_conversion_or_its_user_removes_its_credits(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    ids = journey(pg)
+    other = journey(pg)
+    attribute(dsn)
+
+    pg.execute("DELETE FROM prospect_touchpoints WHERE id = %s", (ids["tip"],))
+    left_after_conversion = {r[1] for r in credits(pg)}
+    pg.execute("DELETE FROM users WHERE id = %s", (other["user"],))
+
+    assert left_after_conversion == {other["tip"]}
+    assert credits(pg) == []
+
+
+def test_truncating_touchpoints_removes_every_credit(dsn: str, pg: psycopg.Connection) -> None:
+    journey(pg)
+    attribute(dsn)
+
+    pg.execute("TRUNCATE prospect_touchpoints")
+
+    assert credits(pg) == []
+
+
+def test_many_touchpoints_deleted_in_one_statement_remove_their_credits(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    users = [journey(pg) for _ in range(20)]
+    attribute(dsn)
+    doomed = [u["view"] for u in users[:10]] + [u["tip"] for u in users[10:15]]
+
+    pg.execute("DELETE FROM prospect_touchpoints WHERE id = ANY(%s::uuid[])", (doomed,))
+
+    orphans = pg.execute(
+        "SELECT count(*) FROM attribution_credits a WHERE NOT EXISTS (SELECT 1 FROM"
+        " prospect_touchpoints t WHERE t.id = a.conversion_id) OR (a.touchpoint_id IS NOT NULL AND"
+        " NOT EXISTS (SELECT 1 FROM prospect_touchpoints t WHERE t.id = a.touchpoint_id))"
+    ).fetchone()
+    assert orphans == (0,)
+    assert {r[1] for r in credits(pg)} == {u["tip"] for u in users[:10] + users[15:]}
+
+
+def test_a_touchpoint_delete_waits_for_a_running_attribution_write(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    ids = journey(pg)
+    with connect(dsn) as db, db.transaction(role="service_role"):
+        lock_sources(db)
+        blocked = pg.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'prospect_touchpoints'::regclass"
+            " AND mode = 'ShareLock' AND granted"
+        ).fetchone()
+        with psycopg.connect(dsn, autocommit=True) as other:
+            other.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute("DELETE FROM prospect_touchpoints WHERE id = %s", (ids["dm"],))
+    assert blocked == (1,)
 
 
 def test_run_is_logged(dsn: str, pg: psycopg.Connection) -> None:
