@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from derive.io.connect import Db
+from derive.io.jsonsql import uuid_or_null
 
-_ADOPT = """
+_ADOPT = f"""
 WITH orphans AS (
   SELECT s.user_id, s.current_state
     FROM audience_state s
     LEFT JOIN audience_events a
-           ON a.id = CASE WHEN s.metadata ->> 'last_audit_id' ~ '^[0-9a-f-]{36}$'
-                          THEN (s.metadata ->> 'last_audit_id')::uuid END
+           ON a.id = {uuid_or_null("s.metadata ->> 'last_audit_id'")}
           AND a.event_category = 'system'
           AND a.event_type IN ('state_change_logged', 'state_adopted')
    WHERE a.id IS NULL

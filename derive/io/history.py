@@ -22,10 +22,15 @@ import polars as pl
 
 from derive.errors import SourceError, UsageError
 from derive.io.connect import Db
+from derive.io.jsonsql import array_length_at, bigint_at, timestamptz_at
 
 # -- status ------------------------------------------------------------------------------------------
 
-_RECENT_RUNS = """
+# Run rows can be written by any service_role client: their JSON is read with checks, a
+# malformed value reads as NULL (``args.users`` not an array counts as a full run).
+_USERS = f"coalesce({array_length_at('r.args', 'users')}, 0)"
+
+_RECENT_RUNS = f"""
 SELECT r.run_id::text AS run_id,
        r.job,
        r.status,
@@ -34,10 +39,9 @@ SELECT r.run_id::text AS run_id,
        r.finished_at,
        extract(epoch FROM coalesce(r.finished_at, clock_timestamp()) - r.started_at)::float8
          AS seconds,
-       CASE WHEN coalesce(jsonb_array_length(r.args -> 'users'), 0) > 0
-            THEN jsonb_array_length(r.args -> 'users') || ' users' ELSE 'all' END AS scope,
-       (r.counts ->> 'users_changed')::bigint AS users_changed,
-       (r.counts ->> 'users_rejected')::bigint AS users_rejected,
+       CASE WHEN {_USERS} > 0 THEN {_USERS} || ' users' ELSE 'all' END AS scope,
+       {bigint_at("r.counts", "users_changed")} AS users_changed,
+       {bigint_at("r.counts", "users_rejected")} AS users_rejected,
        r.error
   FROM derivation_runs r
  WHERE r.job = $1
@@ -45,8 +49,8 @@ SELECT r.run_id::text AS run_id,
  LIMIT $2
 """
 
-_LAST_SUCCESS = """
-SELECT max(r.finished_at) FILTER (WHERE coalesce(jsonb_array_length(r.args -> 'users'), 0) = 0),
+_LAST_SUCCESS = f"""
+SELECT max(r.finished_at) FILTER (WHERE {_USERS} = 0),
        max(r.finished_at)
   FROM derivation_runs r
  WHERE r.job = $1 AND r.status = 'succeeded'
@@ -136,58 +140,76 @@ def rejections_by_reason(db: Db, *, now: datetime) -> pl.DataFrame:
 
 # -- report --------------------------------------------------------------------------------------------
 
-_DAY = "date_trunc('day', (e.metadata ->> 'derived_at')::timestamptz AT TIME ZONE 'UTC')"
+# System rows can be written by any service_role client: a row whose derived_at is not a time
+# is left out of every chart (it has no day) and counted by ``malformed_system_rows``.
+_DERIVED_AT = timestamptz_at("e.metadata", "derived_at")
+
+
+def _stamped(event_type: str) -> str:
+    """System rows of one type with their derived_at parsed once per row (``OFFSET 0`` keeps
+    the planner from inlining the parse into every reference)."""
+    return f"""(SELECT e.id, e.user_id, e.created_at, e.metadata, {_DERIVED_AT} AS derived_at
+           FROM audience_events e
+          WHERE e.event_category = 'system' AND e.event_type = '{event_type}'
+         OFFSET 0) e"""
+
+
+_DAY = "date_trunc('day', e.derived_at AT TIME ZONE 'UTC')"
 
 _DAILY_TRANSITIONS = f"""
 SELECT {_DAY} AS day,
        coalesce(e.metadata ->> 'prior_state', '') AS prior_state,
        e.metadata ->> 'new_state' AS new_state,
        count(*) AS n
-  FROM audience_events e
- WHERE e.event_category = 'system'
-   AND e.event_type = 'state_change_logged'
-   AND (e.metadata ->> 'derived_at')::timestamptz >= $1
-   AND (e.metadata ->> 'derived_at')::timestamptz <= $2
+  FROM {_stamped("state_change_logged")}
+ WHERE e.derived_at >= $1
+   AND e.derived_at <= $2
  GROUP BY 1, 2, 3
 """
 
 _DAILY_REJECTIONS = f"""
 SELECT {_DAY} AS day, reason, count(*) AS n
-  FROM audience_events e
+  FROM {_stamped("validation_fail")}
  CROSS JOIN LATERAL jsonb_array_elements_text(
          CASE WHEN jsonb_typeof(e.metadata -> 'reasons') = 'array'
               THEN e.metadata -> 'reasons' ELSE '[]'::jsonb END) AS reason
- WHERE e.event_category = 'system'
-   AND e.event_type = 'validation_fail'
-   AND (e.metadata ->> 'derived_at')::timestamptz >= $1
-   AND (e.metadata ->> 'derived_at')::timestamptz <= $2
+ WHERE e.derived_at >= $1
+   AND e.derived_at <= $2
  GROUP BY 1, 2
 """
 
-_TOP_REJECTED = """
+_TOP_REJECTED = f"""
 SELECT e.user_id::text AS user_id,
        count(*) AS rejections,
-       max((e.metadata ->> 'derived_at')::timestamptz) AS last_derived_at,
+       max(e.derived_at) AS last_derived_at,
        (array_agg(e.metadata ->> 'reasons_key' ORDER BY e.created_at DESC, e.id))[1] AS reasons,
        (array_agg((e.metadata -> 'evidence')::text ORDER BY e.created_at DESC, e.id))[1]
          AS evidence,
        (SELECT s.current_state FROM audience_state s WHERE s.user_id = e.user_id) AS current_state
-  FROM audience_events e
- WHERE e.event_category = 'system'
-   AND e.event_type = 'validation_fail'
-   AND (e.metadata ->> 'derived_at')::timestamptz >= $1
-   AND (e.metadata ->> 'derived_at')::timestamptz <= $2
+  FROM {_stamped("validation_fail")}
+ WHERE e.derived_at >= $1
+   AND e.derived_at <= $2
  GROUP BY e.user_id
  ORDER BY rejections DESC, last_derived_at DESC, user_id
  LIMIT $3
 """
 
-_RUN_DURATIONS = """
+_MALFORMED = f"""
+SELECT count(*)
+  FROM audience_events e
+ WHERE e.event_category = 'system'
+   AND e.event_type IN ('state_change_logged', 'validation_fail')
+   AND e.created_at >= $1
+   AND e.created_at <= $2
+   AND {_DERIVED_AT} IS NULL
+"""
+
+_RUN_DURATIONS = f"""
 SELECT r.started_at,
        r.job,
        r.status,
        extract(epoch FROM r.finished_at - r.started_at)::float8 AS seconds,
-       coalesce(jsonb_array_length(r.args -> 'users'), 0) = 0 AS full_run
+       {_USERS} = 0 AS full_run
   FROM derivation_runs r
  WHERE r.finished_at IS NOT NULL AND r.status <> 'skipped'
  ORDER BY r.started_at DESC
@@ -232,6 +254,12 @@ def top_rejected(db: Db, *, start: datetime, end: datetime, limit: int) -> pl.Da
             "current_state": pl.String(),
         },
     )
+
+
+def malformed_system_rows(db: Db, *, start: datetime, end: datetime) -> int:
+    """Audit and rejection rows written in ``[start, end]`` whose derived_at is not a time."""
+    with db.transaction(role="service_role"):
+        return int(db.fetch_value(_MALFORMED, (start, end)))
 
 
 def run_durations(db: Db, *, limit: int) -> pl.DataFrame:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from derive.io.connect import Db
+from derive.io.jsonsql import timestamptz_at, uuid_or_null
 from derive.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES
 
 _EVENT_COLUMNS = """
@@ -49,7 +50,7 @@ EVENTS_USERS_SQL = (
    AND e.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"""
 )
 
-_STATES = """
+_STATES = f"""
 SELECT s.user_id,
        s.current_state,
        s.state_updated_at,
@@ -65,8 +66,7 @@ SELECT s.user_id,
   LEFT JOIN LATERAL (
         SELECT e.user_id, e.metadata ->> 'new_state' AS new_state
           FROM audience_events e
-         WHERE e.id = CASE WHEN s.metadata ->> 'last_audit_id' ~ '^[0-9a-f-]{36}$'
-                           THEN (s.metadata ->> 'last_audit_id')::uuid END
+         WHERE e.id = {uuid_or_null("s.metadata ->> 'last_audit_id'")}
            AND e.event_category = 'system'
            AND e.event_type IN ('state_change_logged', 'state_adopted')
         OFFSET 0  -- keeps the subquery a per-row lookup (the planner would flatten it into a join)
@@ -78,20 +78,24 @@ STATES_USERS_SQL = (
     + " WHERE s.user_id = ANY (string_to_array(current_setting('derive.users'), ',')::uuid[])"
 )
 
-RECENT_REJECTIONS_SQL = """
+_DERIVED_AT = timestamptz_at("e.metadata", "derived_at")
+
+#: ``validation_fail`` rows of the relog interval; a row whose derived_at is not a time is
+#: ignored here and counted by ``read_side_counts``.
+RECENT_REJECTIONS_SQL = f"""
 SELECT e.user_id, e.metadata ->> 'reasons_key' AS reasons_key
   FROM audience_events e
  WHERE e.event_category = 'system'
    AND e.event_type = 'validation_fail'
    AND e.created_at > current_setting('derive.relog_since')::timestamptz
-   AND (e.metadata ->> 'derived_at')::timestamptz > current_setting('derive.relog_since')::timestamptz
-   AND (e.metadata ->> 'derived_at')::timestamptz <= current_setting('derive.as_of')::timestamptz
+   AND {_DERIVED_AT} > current_setting('derive.relog_since')::timestamptz
+   AND {_DERIVED_AT} <= current_setting('derive.as_of')::timestamptz
 """
 
 # Two index range scans (anonymous rows sit together in the (user_id, created_at) index, future
 # rows at the end of the created_at index) instead of a second pass over the window. Bound
 # parameters, so the planner sees the bounds and picks the indexes.
-_SIDE_COUNTS_SQL = """
+_SIDE_COUNTS_SQL = f"""
 SELECT (SELECT count(*)
           FROM audience_events
          WHERE user_id IS NULL
@@ -101,7 +105,13 @@ SELECT (SELECT count(*)
        (SELECT count(*)
           FROM audience_events
          WHERE created_at > $2
-           AND event_category <> 'system') AS future
+           AND event_category <> 'system') AS future,
+       (SELECT count(*)
+          FROM audience_events e
+         WHERE e.event_category = 'system'
+           AND e.event_type = 'validation_fail'
+           AND e.created_at > current_setting('derive.relog_since')::timestamptz
+           AND {_DERIVED_AT} IS NULL) AS system_rows_malformed
 """
 
 
@@ -162,6 +172,14 @@ def read_recent_rejections(db: Db) -> pl.DataFrame:
 
 
 def read_side_counts(db: Db, *, window_start: datetime, as_of: datetime) -> dict[str, int]:
-    """Anonymous events in the window and events stamped after ``as_of`` (counted, not derived)."""
-    anonymous, future = db.fetch_all(_SIDE_COUNTS_SQL, (window_start, as_of))[0]
-    return {"anonymous": int(anonymous), "future": int(future)}
+    """What the run counts but does not derive.
+
+    Anonymous events in the window, events stamped after ``as_of``, and the ``validation_fail``
+    rows of the relog interval whose derived_at is not a time (ignored by the rejection read).
+    """
+    anonymous, future, malformed = db.fetch_all(_SIDE_COUNTS_SQL, (window_start, as_of))[0]
+    return {
+        "anonymous": int(anonymous),
+        "future": int(future),
+        "system_rows_malformed": int(malformed),
+    }

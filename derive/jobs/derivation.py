@@ -116,6 +116,7 @@ def _counts(d: Derivation, side: dict[str, int]) -> dict[str, Any]:
         "events_deduplicated": d.deduplicated,
         "events_anonymous": side["anonymous"],
         "events_future": side["future"],
+        "system_rows_malformed": side["system_rows_malformed"],
         "users_evaluated": d.users_evaluated,
         "users_changed": d.writes.height,
         "state_changes": d.state_changes,

@@ -64,6 +64,7 @@ class ReportData:
     reasons: list[str]
     runs: pl.DataFrame
     top_rejected: pl.DataFrame
+    malformed_rows: int = 0  # system rows of the window left out: their derived_at is not a time
 
 
 def collect_report(
@@ -97,6 +98,7 @@ def collect_report(
         reasons=reasons,
         runs=shape.run_series(history.run_durations(db, limit=runs).lazy()).collect(),
         top_rejected=history.top_rejected(db, start=start, end=end, limit=top),
+        malformed_rows=history.malformed_system_rows(db, start=start, end=end),
     )
 
 
@@ -273,6 +275,7 @@ section h2{margin:0 0 8px;font-size:17px}
 .grid{stroke:#edf2f7}.axis{stroke:#a0aec0}
 .tick{font-size:11px;fill:#4a5568}.legend,.label{font-size:12px;fill:#2d3748}
 .muted{fill:#718096;color:#718096}
+.warn{color:#feb2b2;font-weight:600;margin-top:6px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #edf2f7;vertical-align:top}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -303,7 +306,7 @@ def _evidence(text: str | None) -> str:
         return ""
     try:
         pretty = json.dumps(json.loads(text), indent=1, sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):  # stored text: shown as it is when it does not parse
         pretty = text
     return f"<pre>{_esc(pretty)}</pre>"
 
@@ -373,6 +376,13 @@ def render_html(data: ReportData) -> str:
         else '<p class="muted">no rejected users in this window</p>'
     )
     window = f"{data.start:%Y-%m-%d %H:%M} to {data.end:%Y-%m-%d %H:%M} UTC"
+    malformed = (
+        f'<p class="warn">{data.malformed_rows:,} state_change_logged / validation_fail rows '
+        "written in this window have a derived_at that is not a time; they are left out of "
+        "every chart (not written by derive: look for another writer with service_role).</p>"
+        if data.malformed_rows
+        else ""
+    )
     sections = [
         _section(
             "funnel",
@@ -413,6 +423,6 @@ def render_html(data: ReportData) -> str:
         f"<title>derive report · {_esc(data.database)}</title><style>{_CSS}</style></head>"
         f"<body><header><h1>derive · audience-state dashboard</h1><p>{_esc(data.database)} · "
         f"window {_esc(window)} · generated {data.generated_at:%Y-%m-%d %H:%M:%S} UTC by derive "
-        f"{_esc(__version__)}</p></header><nav>{nav}</nav><main>{''.join(sections)}</main>"
+        f"{_esc(__version__)}</p>{malformed}</header><nav>{nav}</nav><main>{''.join(sections)}</main>"
         "</body></html>\n"
     )

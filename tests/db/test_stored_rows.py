@@ -1,0 +1,232 @@
+"""One bad stored row is that row's problem, never the run's (SPEC §2.3 Robustness).
+
+Any service_role writer can add system rows and edit audience_state metadata; the derivation,
+``derive db adopt``, ``derive status`` and ``derive report`` must read past whatever they find:
+a malformed system row is ignored where it is read (and counted), a malformed audit pointer is a
+``state_jump`` for that user alone.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from derive.io.connect import connect
+from derive.jobs.adopt import adopt
+from derive.jobs.report import collect_report
+from derive.jobs.status import collect_status
+from tests.db.helpers import (
+    AS_OF,
+    engaged_user,
+    event,
+    insert_events,
+    run,
+    states,
+    system_rows,
+    uid,
+)
+
+BAD_TIMES: list[Any] = [
+    "not a time",
+    "2026-02-30T00:00:00+00:00",  # no such day
+    "2026-06-01T12:00:00+16:00",  # offset out of range
+    "12:00:00",  # a time of day, not a point in time
+    "infinity",
+    "",
+    5,
+    None,
+    {"at": "2026-06-01T12:00:00+00:00"},
+    ["2026-06-01T12:00:00+00:00"],
+]
+
+BAD_POINTERS: list[Any] = [
+    "-" * 36,  # passed the old '[0-9a-f-]{36}' test, then failed the uuid cast (22P02)
+    "gggggggg-gggg-gggg-gggg-gggggggggggg",
+    "0123456789abcdef0123456789abcdef0123",
+    "not-a-uuid",
+    12345,
+    ["00000000-0000-0000-0000-000000000001"],
+]
+
+
+def insert_as_service_role(pg: psycopg.Connection, rows: list[dict[str, Any]]) -> None:
+    """System rows written as any service_role client could (no derive run involved)."""
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        for row in rows:
+            pg.execute(
+                "INSERT INTO audience_events (created_at, user_id, event_type, event_category,"
+                " metadata) VALUES (%s, %s, %s, 'system', %s::jsonb)",
+                (row["created_at"], row["user_id"], row["event_type"], json.dumps(row["metadata"])),
+            )
+
+
+def forged_rejection(
+    user: int, derived_at: Any, *, reasons_key: str = "volume_spike"
+) -> dict[str, Any]:
+    return {
+        "created_at": AS_OF - timedelta(minutes=5),
+        "user_id": uid(user),
+        "event_type": "validation_fail",
+        "metadata": {
+            "reasons": ["volume_spike"],
+            "reasons_key": reasons_key,
+            "derived_at": derived_at,
+        },
+    }
+
+
+def forge_pointer(pg: psycopg.Connection, user: int, pointer: Any) -> None:
+    """Overwrite a stored audit pointer, bypassing the guard as an operator with psql might."""
+    with pg.transaction():
+        pg.execute("SET LOCAL session_replication_role = replica")
+        pg.execute(
+            "UPDATE audience_state SET metadata = jsonb_set(metadata, '{last_audit_id}', %s::jsonb)"
+            " WHERE user_id = %s",
+            (json.dumps(pointer), uid(user)),
+        )
+
+
+# -- validation_fail rows with a malformed derived_at ------------------------------------------------
+
+
+@pytest.mark.parametrize("derived_at", BAD_TIMES, ids=repr)
+def test_a_validation_fail_row_with_a_malformed_derived_at_is_ignored_and_counted(
+    dsn: str, pg: psycopg.Connection, derived_at: Any
+) -> None:
+    insert_events(pg, [*engaged_user(1), event(2, "ping", "telemetry")])
+    insert_as_service_role(pg, [forged_rejection(1, derived_at)])
+
+    report = run(dsn)
+
+    assert report.counts["system_rows_malformed"] == 1
+    assert states(pg) == {uid(1): "S2"}
+    logged = [(u, m["reasons"]) for u, m in system_rows(pg, "validation_fail")]
+    assert (uid(2), ["unknown_event_category"]) in logged
+
+
+def test_a_malformed_row_does_not_hide_a_well_formed_one(dsn: str, pg: psycopg.Connection) -> None:
+    insert_events(pg, [event(2, "ping", "telemetry")])
+    run(dsn)
+    insert_as_service_role(pg, [forged_rejection(2, "not a time", reasons_key="x")])
+
+    again = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+
+    assert again.counts["system_rows_malformed"] == 1
+    assert again.counts["rejections_logged"] == 0  # the real row of the first run still counts
+
+
+def test_well_formed_system_rows_are_not_counted_as_malformed(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    insert_events(pg, [*engaged_user(1), event(2, "ping", "telemetry")])
+    run(dsn)
+
+    again = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+
+    assert again.counts["system_rows_malformed"] == 0
+
+
+@pytest.mark.parametrize("derived_at", BAD_TIMES, ids=repr)
+def test_report_ignores_and_counts_system_rows_with_a_malformed_derived_at(
+    dsn: str, pg: psycopg.Connection, derived_at: Any
+) -> None:
+    insert_events(pg, [*engaged_user(1), event(2, "ping", "telemetry")])
+    run(dsn)
+    transition = {
+        "created_at": AS_OF,
+        "user_id": uid(1),
+        "event_type": "state_change_logged",
+        "metadata": {"prior_state": "S2", "new_state": "S3", "derived_at": derived_at},
+    }
+    insert_as_service_role(pg, [forged_rejection(3, derived_at), transition])
+
+    with connect(dsn) as db:
+        data = collect_report(db, as_of=AS_OF + timedelta(hours=1), days=7)
+
+    assert data.malformed_rows == 2
+    assert data.top_rejected.get_column("user_id").to_list() == [str(uid(2))]
+    assert int(data.transition_totals.get_column("n").sum()) == 3  # S0, S0->S1, S1->S2 of user 1
+
+
+# -- audit pointers that are not uuids ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pointer", BAD_POINTERS, ids=repr)
+def test_a_malformed_audit_pointer_is_a_state_jump_for_that_user_alone(
+    dsn: str, pg: psycopg.Connection, pointer: Any
+) -> None:
+    insert_events(pg, engaged_user(1) + engaged_user(2))
+    run(dsn)
+    forge_pointer(pg, 1, pointer)
+    insert_events(pg, [event(2, "content_share", "advocacy", ago=timedelta(minutes=1))])
+
+    report = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+
+    assert report.counts["rejected_by_reason"] == {"state_jump": 1}
+    ((user, meta),) = system_rows(pg, "validation_fail")
+    assert user == uid(1)
+    assert meta["reasons"] == ["state_jump"]
+    assert report.counts["users_changed"] == 1  # user 2 is derived as usual (a new score)
+    last = pg.execute("SELECT last_event_type FROM audience_state WHERE user_id = %s", (uid(2),))
+    assert last.fetchone() == ("content_share",)
+
+
+@pytest.mark.parametrize("pointer", BAD_POINTERS, ids=repr)
+def test_adopt_gives_a_state_with_a_malformed_pointer_a_trail(
+    dsn: str, pg: psycopg.Connection, pointer: Any
+) -> None:
+    insert_events(pg, engaged_user(1) + engaged_user(2))
+    run(dsn)
+    forge_pointer(pg, 1, pointer)
+
+    with connect(dsn) as db:
+        adopted = adopt(db, as_of=AS_OF)
+    report = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+
+    assert adopted == 1
+    ((user, _),) = system_rows(pg, "state_adopted")
+    assert user == uid(1)
+    assert report.counts["users_rejected"] == 0
+
+
+# -- run rows written by someone else -----------------------------------------------------------------
+
+
+FORGED_RUNS: list[dict[str, Any]] = [
+    {"counts": {"users_changed": "many", "users_rejected": [1]}},
+    {"counts": {"users_changed": 1e30, "users_rejected": 1.5}},
+    {"counts": {"users_changed": True}},
+    {"args": {"users": "all of them"}},
+    {"args": {"users": {"a": 1}}},
+    {"args": ["users"]},
+    {"counts": ["users_changed"]},
+]
+
+
+@pytest.mark.parametrize("forged", FORGED_RUNS, ids=repr)
+def test_status_and_report_read_past_a_run_row_with_malformed_counts_or_args(
+    dsn: str, pg: psycopg.Connection, forged: dict[str, Any]
+) -> None:
+    insert_events(pg, engaged_user(1))
+    run(dsn)
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        pg.execute(
+            "INSERT INTO derivation_runs (job, as_of, status, finished_at, counts, args)"
+            " VALUES ('derive', now(), 'succeeded', clock_timestamp(), %s::jsonb, %s::jsonb)",
+            (json.dumps(forged.get("counts", {})), json.dumps(forged.get("args", {}))),
+        )
+
+    with connect(dsn) as db:
+        status = collect_status(db, max_lag=timedelta(days=1000))
+        data = collect_report(db, as_of=None, days=7)
+
+    newest = status.runs.row(0, named=True)
+    assert newest["users_changed"] is None or isinstance(newest["users_changed"], int)
+    assert status.runs.height == 2
+    assert data.runs.height >= 1
