@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 SCALES = ("S", "M", "L")
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="generate data, measure (a)-(e), check agreement, rewrite benchmarks/README.md"
+        "run",
+        help="generate data, measure (a)-(g), the write path and the insert overhead,"
+        " check agreement, rewrite benchmarks/README.md",
     )
     run.add_argument(
         "--scale",
@@ -56,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the full baseline loop when a sample projects it beyond this",
     )
     run.add_argument(
+        "--db-prefix",
+        default="derive_bench",
+        metavar="NAME",
+        help="name the databases NAME_loaded, NAME and NAME_* (default: derive_bench);"
+        " a second prefix keeps two benchmark runs on one server apart",
+    )
+    run.add_argument(
         "--no-readme",
         action="store_true",
         help="print the results without rewriting README.md and the plot",
@@ -69,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         sys.stderr.write("--repeat must be at least 1\n")
         return 2
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", args.db_prefix):
+        sys.stderr.write(
+            f"--db-prefix {args.db_prefix!r}: use lower-case letters, digits and _ (at most 41)\n"
+        )
+        return 2
     _require_extras()
     from benchmarks import harness, report
 
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             repeat=args.repeat,
             baseline_cap=args.baseline_cap,
             with_others=args.only != "derive",
+            prefix=args.db_prefix,
         )
     except harness.BenchError as exc:
         sys.stderr.write(f"benchmark failed: {exc}\n")

