@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from datetime import UTC, date, datetime, timedelta
+from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
@@ -74,6 +75,7 @@ def write(dsn: str, path: Path, *, days: int = 30) -> Path:
     return path
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium_without_console_errors(
     dashboard_dsn: str, tmp_path: Path
 ) -> None:
@@ -92,6 +94,63 @@ def test_report_renders_in_headless_chromium_without_console_errors(
     assert captured.returncode == 0, captured.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000
+
+
+# Elements HTML closes on its own: no end tag, or an optional one.
+VOID = frozenset({"meta", "br", "hr", "img", "input", "link", "wbr", "col", "source"})
+
+
+class Outline(HTMLParser):
+    """Parses a page the way a browser reads it and records its outline and any broken nesting."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.problems: list[str] = []
+        self.ids: list[str] = []
+        self.headings: list[str] = []
+        self.svgs = 0
+        self._in_h2 = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids += [value for name, value in attrs if name == "id" and value]
+        self.svgs += tag == "svg"
+        self._in_h2 = tag == "h2"
+        if tag == "h2":
+            self.headings.append("")
+        if tag not in VOID:
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids += [value for name, value in attrs if name == "id" and value]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self._in_h2 = False
+        if not self.open or self.open[-1] != tag:
+            self.problems.append(f"</{tag}> closes <{self.open[-1] if self.open else '-'}>")
+            return
+        self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        if self._in_h2:
+            self.headings[-1] += data
+
+
+def test_report_parses_as_html_with_every_section(dashboard_dsn: str, tmp_path: Path) -> None:
+    """The default run's check of the page (the chromium test needs a browser: marker browser)."""
+    text = write(dashboard_dsn, tmp_path / "report.html").read_text()
+
+    outline = Outline()
+    outline.feed(text)
+    outline.close()
+
+    assert text.startswith("<!DOCTYPE html>")
+    assert outline.problems == []
+    assert outline.open == []
+    assert [anchor for anchor, _ in SECTIONS if anchor in outline.ids] == [a for a, _ in SECTIONS]
+    assert outline.headings == [title for _, title in SECTIONS]
+    assert outline.svgs == 4
 
 
 def test_report_is_self_contained(dashboard_dsn: str, tmp_path: Path) -> None:
