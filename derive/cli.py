@@ -57,6 +57,7 @@ app.command("backfill")(ops.backfill_cmd)
 app.command("schedule")(ops.schedule_cmd)
 app.command("export")(privacy.export_cmd)
 app.command("erase")(privacy.erase_cmd)
+app.command("prune")(privacy.prune_cmd)
 
 
 @app.callback(invoke_without_command=True)

@@ -150,6 +150,29 @@ class MetricDef:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """What ``derive prune`` deletes, by age in days (``None``: kept forever).
+
+    Attributes:
+        events_margin_days: non-system events go once older than the longest lookback derive has
+            used (and the last full run's window) plus this margin; retention never cuts into a
+            lookback.
+        system_events_days: audit and validation_fail rows; the audit row a stored state points
+            at and every ``subject_erased`` row are always kept.
+        payload_days: raw ``payload_jsonb`` of surface_metrics and prospect_touchpoints (the
+            amount and currency attribution reads are kept).
+        state_history_days: ``audience_state_history`` steps, by their as_of.
+        batch_rows: rows per delete transaction (short transactions, short locks).
+    """
+
+    events_margin_days: int | None = 30
+    system_events_days: int | None = 730
+    payload_days: int | None = 90
+    state_history_days: int | None = 365
+    batch_rows: int = 10_000
+
+
+@dataclass(frozen=True)
 class Rules:
     """The validated rules: catalog, qualification, dedupe, fail-safes, metrics, gates, downgrades."""
 
@@ -166,6 +189,7 @@ class Rules:
     metrics: tuple[MetricDef, ...]
     gates: tuple[Gate, ...]
     downgrades: tuple[Downgrade, ...]
+    retention: Retention = field(default_factory=Retention)
     source: str = field(default="", compare=False)
 
     @property
@@ -314,6 +338,8 @@ class _RulesParser:
             )
         gates = self.parse_gates(data.get("gates"), names)
         downgrades = self.parse_downgrades(data.get("downgrades"))
+        relog_after = timedelta(hours=self.number(failsafe, "relog_after_hours", "failsafe."))
+        retention = self.parse_retention(data.get("retention"), relog_after)
         return Rules(
             version=version,
             sha256=sha,
@@ -327,13 +353,14 @@ class _RulesParser:
             spike_max_events_per_hour=int(
                 self.number(failsafe, "spike_max_events_per_hour", "failsafe.", minimum=1)
             ),
-            relog_after=timedelta(hours=self.number(failsafe, "relog_after_hours", "failsafe.")),
+            relog_after=relog_after,
             consent_categories=self.strings(
                 failsafe, "consent_categories", "failsafe.", categories
             ),
             metrics=metrics,
             gates=gates,
             downgrades=downgrades,
+            retention=retention,
             source=self.source,
         )
 
@@ -425,6 +452,46 @@ class _RulesParser:
                 "gates in order S0->S1, S1->S2, ... with no gaps",
             )
         return tuple(gates)
+
+    def parse_retention(self, raw: object, relog_after: timedelta) -> Retention:
+        if raw is None:
+            return Retention()
+        if not isinstance(raw, dict):
+            raise self.fail("retention", raw, "a table")
+        known = {f for f in Retention.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise self.fail(f"retention.{unknown[0]}", raw[unknown[0]], f"one of {sorted(known)}")
+        defaults = Retention()
+        days: dict[str, int | None] = {}
+        for key in ("events_margin_days", "system_events_days", "payload_days",
+                    "state_history_days"):  # fmt: skip
+            value = raw.get(key, getattr(defaults, key))
+            if value == "forever" or value is None:
+                days[key] = None
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise self.fail(
+                    f"retention.{key}", value, 'a whole number of days >= 1 or "forever"'
+                )
+            else:
+                days[key] = value
+        system = days["system_events_days"]
+        if system is not None and timedelta(days=system) <= relog_after:
+            raise self.fail(
+                "retention.system_events_days",
+                system,
+                f"more days than failsafe.relog_after_hours ({relog_after}), which reads them",
+            )
+        batch = raw.get("batch_rows", defaults.batch_rows)
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1_000_000:
+            raise self.fail("retention.batch_rows", batch, "a whole number from 1 to 1000000")
+        return Retention(
+            events_margin_days=days["events_margin_days"],
+            system_events_days=system,
+            payload_days=days["payload_days"],
+            state_history_days=days["state_history_days"],
+            batch_rows=batch,
+        )
 
     def parse_downgrades(self, raw: object) -> tuple[Downgrade, ...]:
         if raw is None:

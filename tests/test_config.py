@@ -9,6 +9,7 @@ import pytest
 
 from derive.config import (
     DURATION_FORMS,
+    Retention,
     format_duration,
     load_rules,
     parse_duration,
@@ -267,3 +268,59 @@ def test_the_rules_hash_changes_with_the_file(tmp_path: Path) -> None:
 
     assert result.sha256 != load_rules().sha256
     assert result.spike_max_events_per_hour == 400
+
+
+# -- retention -----------------------------------------------------------------------------------------
+
+
+def test_canonical_retention_defaults() -> None:
+    result = load_rules().retention
+
+    assert result == Retention(
+        events_margin_days=30,
+        system_events_days=730,
+        payload_days=90,
+        state_history_days=365,
+        batch_rows=10_000,
+    )
+
+
+def test_a_rules_file_without_retention_gets_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(CANONICAL.split("[retention]")[0], encoding="utf-8")
+
+    assert load_rules(path).retention == Retention()
+
+
+def test_forever_keeps_a_kind(tmp_path: Path) -> None:
+    path = write_with(tmp_path, "payload_days = 90", 'payload_days = "forever"')
+
+    assert load_rules(path).retention.payload_days is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "value"),
+    [
+        ("payload_days = 90", "payload_days = 0", "retention.payload_days", "0"),
+        ("payload_days = 90", 'payload_days = "never"', "retention.payload_days", "never"),
+        ("batch_rows = 10000", "batch_rows = 0", "retention.batch_rows", "0"),
+        ("payload_days = 90", "payload_dayz = 90", "retention.payload_dayz", "90"),
+        # validation_fail rows are read for 24 h (relog): they must outlive that.
+        (
+            "system_events_days = 730",
+            "system_events_days = 1",
+            "retention.system_events_days",
+            "1",
+        ),
+    ],
+)
+def test_a_bad_retention_value_names_the_key(
+    tmp_path: Path, old: str, new: str, key: str, value: str
+) -> None:
+    path = write_with(tmp_path, old, new)
+
+    with pytest.raises(ConfigError) as caught:
+        load_rules(path)
+
+    assert repr(key) in str(caught.value)
+    assert value in str(caught.value)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from derive.jobs.prune import schedule_units as prune_units
 from derive.jobs.watch import schedule_units
 from tests.cli import derive
 
@@ -87,3 +88,16 @@ def test_schedule_command_rejects_a_bad_cadence() -> None:
 
     assert result.returncode == 2
     assert "does not divide an hour or a day" in result.stderr
+
+
+def test_prune_runs_nightly() -> None:
+    result = prune_units(executable="/opt/derive/bin/derive")
+
+    assert result["crontab (prune)"].splitlines()[1] == (
+        "30 3 * * * set -a && . /etc/derive/derive.env && set +a && "
+        "/opt/derive/bin/derive prune >> /var/log/derive/prune.log 2>&1"
+    )
+    assert "OnCalendar=*-*-* 03:30:00" in result["derive-prune.timer"]
+    assert "Unit=derive-prune.service" in result["derive-prune.timer"]
+    assert "ExecStart=/opt/derive/bin/derive prune" in result["derive-prune.service"]
+    assert "SuccessExitStatus=75" in result["derive-prune.service"]

@@ -306,10 +306,12 @@ def schedule_cmd(
     Install the timer with: copy derive-run.service and derive-run.timer to /etc/systemd/system/,
     then `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75
     (another run held the lock) counts as success. derive-watch.service (optional) runs
-    `derive watch` next to the timer.
+    `derive watch` next to the timer. derive-prune.service and derive-prune.timer (and the
+    second crontab line) run `derive prune` nightly at 03:30.
     """
     import shutil
 
+    from derive.jobs import prune
     from derive.jobs.watch import schedule_units
 
     cadence, window = duration(every), duration(lookback)
@@ -322,5 +324,6 @@ def schedule_cmd(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--every") from None
+    units.update(prune.schedule_units(executable=executable, env_file=env_file))
     for name, text in units.items():
         sys.stdout.write(f"# ---- {name} ----\n{text}\n")

@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from derive.commands.common import DsnOpt, JsonOpt, out, print_json, table
+from derive.commands.common import (
+    DsnOpt,
+    JsonOpt,
+    RulesOpt,
+    duration,
+    out,
+    print_json,
+    rules_from,
+    table,
+)
+from derive.config import DURATION_FORMS
 from derive.errors import UsageError
 from derive.io.privacy import SubjectKind
 
@@ -137,3 +147,63 @@ def erase_cmd(
     head = "dry run (nothing deleted)" if dry_run else f"erase run {result.run_id}"
     out.print(table(f"{head}: {kind} {subject}", ["table", "rows"], rows))
     out.print(f"{verb} {result.rows} rows", markup=False)
+
+
+def prune_cmd(
+    rules: RulesOpt = None,
+    lookback: Annotated[
+        str | None,
+        typer.Option(
+            "--lookback",
+            help=f"The lookback your derive runs use, if longer than any in the run log and "
+            f"than 120d: {DURATION_FORMS}.",
+        ),
+    ] = None,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            help="Write what is deleted to Parquet here first (one file per batch).",
+            metavar="DIR",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would go; change nothing.")
+    ] = False,
+    dsn: DsnOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply the retention of the rules file's [retention] section (`derive schedule` runs it nightly).
+
+    Deletes non-system events older than the longest lookback derive has used plus
+    events_margin_days (counted back from the last full run, so no run's window is touched),
+    audit and validation_fail rows older than system_events_days (never the audit row a stored
+    state points at, never a subject_erased record), clears raw payload_jsonb of surface_metrics
+    and prospect_touchpoints older than payload_days (a conversion keeps its amount and
+    currency), and drops audience_state_history steps older than state_history_days. Batches of
+    batch_rows rows, each in its own short transaction; logged as a `prune` run; a second prune
+    removes nothing. Exit codes: 0 done, 1 failed, 2 usage error, 75 skipped (another prune runs).
+    """
+    from derive.io.database import open_db
+    from derive.jobs.prune import run_prune
+
+    loaded = rules_from(rules)
+    with open_db(dsn) as db:
+        result = run_prune(
+            db, rules=loaded, lookback=duration(lookback), archive=archive, dry_run=dry_run
+        )
+    if as_json:
+        print_json(result.as_dict())
+        return
+    head = "dry run (nothing removed)" if dry_run else f"prune run {result.run_id}"
+    out.print(
+        f"[bold]{head}[/]  now {result.now.isoformat()}  longest lookback "
+        f"{result.lookback.days}d  rules {loaded.tag}"
+    )
+    rows = [
+        [name, "kept forever" if result.cutoffs[name] is None else result.cutoffs[name], n]
+        for name, n in result.rows.items()
+    ]
+    out.print(table("", ["target", "older than", "would go" if dry_run else "removed"], rows))
+    if result.archived:
+        out.print(f"archived {len(result.archived)} parquet file(s) under {archive}", markup=False)

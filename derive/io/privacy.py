@@ -154,16 +154,41 @@ def count_rows(db: Db, selection: Selection) -> int:
     return int(db.fetch_value(f"SELECT count(*) FROM {selection.table} t WHERE {selection.where}"))
 
 
-def _select_list(db: Db, selection: Selection, *, typed: bool) -> str:
+def portable_columns(
+    db: Db,
+    table: str,
+    *,
+    alias: str = "t",
+    withheld: tuple[str, ...] = (),
+    replaced: dict[str, str] | None = None,
+) -> str:
+    """A select list of every column of ``table`` in types Arrow and Parquet carry losslessly.
+
+    Args:
+        replaced: column -> SQL expression to export instead (its text form).
+    """
+    replaced = replaced or {}
     parts = []
-    for name, type_name in db.fetch_all(_COLUMNS, (selection.table,)):
-        if name in selection.withheld:
+    for name, type_name in db.fetch_all(_COLUMNS, (table,)):
+        if name in withheld:
             continue
-        expression = selection.exported_as.get(name, f"t.{_ident(name)}")
-        if typed and (name in selection.exported_as or type_name not in _NATIVE):
+        expression = replaced.get(name, f"{alias}.{_ident(name)}")
+        if name in replaced or type_name not in _NATIVE:
             expression = f"({expression})::text"
         parts.append(f"{expression} AS {_ident(name)}")
     return ", ".join(parts)
+
+
+def _select_list(db: Db, selection: Selection, *, typed: bool) -> str:
+    if typed:
+        return portable_columns(
+            db, selection.table, withheld=selection.withheld, replaced=selection.exported_as
+        )
+    return ", ".join(
+        f"{selection.exported_as.get(name, f't.{_ident(name)}')} AS {_ident(name)}"
+        for name, _ in db.fetch_all(_COLUMNS, (selection.table,))
+        if name not in selection.withheld
+    )
 
 
 def read_rows(db: Db, selection: Selection, *, typed: bool) -> pa.Table:
