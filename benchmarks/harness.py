@@ -11,8 +11,8 @@ The figures:
     stdout on /dev/null, timed as a whole process; (b') the same COPY streamed to a Python client
     (psycopg), for comparison only;
 (c) ``derive run`` on a fresh copy (every user new);
-(d) ``derive run`` again (nothing changed);
-(e) ``derive run --dry-run``;
+(d) ``derive run --full`` again (nothing changed);
+(e) ``derive run --full --dry-run`` (``--full`` only where the CLI has it);
 (f) ``derive run`` 15 minutes after the base with new events for 1 % of users
     (:mod:`benchmarks.incremental`);
 (g) the same with nothing new.
@@ -27,6 +27,7 @@ timings, counts and the run's mode.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -77,8 +78,8 @@ CASES: dict[str, str] = {
     "b": "(b) read floor: psql COPY window TO STDOUT (binary) > /dev/null",
     "b_py": "(b') same COPY read by a Python client (psycopg); not the floor, ratios use (b)",
     "c": "(c) derive run, first run (all users new)",
-    "d": "(d) derive run, steady state (nothing changed)",
-    "e": "(e) derive run --dry-run (compute only)",
+    "d": "(d) derive run --full, steady state (nothing changed)",
+    "e": "(e) derive run --full --dry-run (compute only)",
     "f": "(f) derive run 15 min later, 1 % of users with new events",
     "g": "(g) derive run 15 min later, nothing new",
 }
@@ -484,10 +485,28 @@ def _numeric(mapping: Any) -> dict[str, float]:
     return {str(k): float(v) for k, v in mapping.items() if isinstance(v, int | float)}
 
 
+@functools.cache
+def has_full_flag() -> bool:
+    """Whether this checkout's ``derive run`` takes ``--full`` (it has incremental runs)."""
+    done = subprocess.run(
+        [*derive_command(), "run", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--full" in done.stdout
+
+
 def run_derive(
-    dsn: str, *, as_of: datetime = AS_OF, lookback: str = LOOKBACK_TEXT, dry_run: bool = False
+    dsn: str,
+    *,
+    as_of: datetime = AS_OF,
+    lookback: str = LOOKBACK_TEXT,
+    dry_run: bool = False,
+    full: bool = False,
 ) -> DeriveRun:
     """Run ``derive run --json`` as a child process and collect its wall time, RSS and timings.
+
+    Args:
+        full: pass ``--full`` where the CLI has it (a checkout without incremental runs always
+            runs full, and has no such flag).
 
     Raises:
         BenchError: when the command exits non-zero (its stderr tail is in the message).
@@ -508,6 +527,8 @@ def run_derive(
     ]
     if dry_run:
         argv.append("--dry-run")
+    if full and has_full_flag():
+        argv.append("--full")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         child = subprocess.Popen(argv, stdout=out, stderr=err)
@@ -795,10 +816,11 @@ def measure_scale(
         # analysed. Without this, autovacuum of the rows (c) just wrote races the timed runs.
         analyze(work)
 
+        # Full runs: with incremental runs in the checkout, (d) would otherwise be incremental.
         for case, dry in (("d", False), ("e", True)):
             figure = Figure(case)
             for i in range(repeat):
-                run = run_derive(work, dry_run=dry)
+                run = run_derive(work, dry_run=dry, full=True)
                 _add(figure, run)
                 log(
                     f"{scale}: ({case}) run {i + 1}/{repeat}: {run.seconds:.2f} s,"

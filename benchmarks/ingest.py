@@ -17,7 +17,8 @@ The single-row inserts run as ``service_role`` (the role the application writes 
 row-level security applies as in production; the COPY runs as the connecting (super)user, as bulk
 loads must: PostgreSQL refuses ``COPY FROM`` into a table whose row-level security applies to the
 role. The copies are measured alternately (with, without, with, ...), so drift
-of the machine during the run affects both alike (the first of each pair alternates too).
+of the machine during the run affects both alike: the single inserts in short rounds taking
+turns, the COPYs in turns whose first copy alternates.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ _EVENT_MIX = (
     ("email_subscribe", "subscription", '{"consent_recorded": true}'),
 )
 APP_ROLE = "service_role"
+#: Rounds of single inserts per repeat, alternating between the copies.
+ROUNDS = 4
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
 
 
@@ -216,7 +219,8 @@ def measure(
     write_copy_file(data, copy_rows, until=until, seed=seed)
     with psycopg.connect(with_dsn, autocommit=True) as conn:
         row = conn.execute("SHOW synchronous_commit").fetchone()
-    total = max(transactions // clients, 1) * clients
+    per_round = max(transactions // (clients * ROUNDS), 1) * clients
+    total = per_round * ROUNDS
     figures = {
         (shape, variant): InsertFigure(shape, variant, rows)
         for shape, rows in (("single", total), ("copy", copy_rows))
@@ -224,14 +228,24 @@ def measure(
     }
     order = [("with", with_dsn), ("without", without_dsn)]
     for i in range(repeat):
+        # Single inserts in short rounds, the copies taking turns (ABBA...), so that a change in
+        # the machine's load during a repeat reaches both alike: per copy, the repeat's rate is
+        # its rows over the sum of its rounds' insert time (pgbench's, connections excluded).
+        busy = {"with": 0.0, "without": 0.0}
+        wall = {"with": 0.0, "without": 0.0}
+        for r in range(ROUNDS):
+            for variant, dsn in order if r % 2 == 0 else order[::-1]:
+                seconds, tps = single_inserts(
+                    dsn, transactions=per_round, clients=clients, script=script
+                )
+                busy[variant] += per_round / tps
+                wall[variant] += seconds
+        for variant, inserting in busy.items():
+            single = figures["single", variant]
+            single.seconds.append(wall[variant])
+            single.rows_per_s.append(total / inserting)
         # Alternate which copy goes first, so neither always meets the warmer machine.
         for variant, dsn in order if i % 2 == 0 else order[::-1]:
-            seconds, tps = single_inserts(
-                dsn, transactions=transactions, clients=clients, script=script
-            )
-            single = figures["single", variant]
-            single.seconds.append(seconds)
-            single.rows_per_s.append(tps)
             seconds = bulk_copy(dsn, data)
             bulk = figures["copy", variant]
             bulk.seconds.append(seconds)

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import incremental
+from benchmarks import incremental, ingest
 from benchmarks.harness import (
     AS_OF,
     CASES,
@@ -359,8 +359,11 @@ def inserts_table(results: list[ScaleResult]) -> str:
         " UPDATE / after DELETE triggers), measured alternately. Single-row inserts:"
         f" `pgbench` running one `INSERT` per transaction on {first.clients} clients as"
         f" `service_role` (synchronous_commit {first.synchronous_commit}: every commit waits for"
-        f" its WAL flush), pgbench's tps; bulk: `psql \\copy` of a {INGEST_COPY_ROWS:,}-row CSV"
-        " in one transaction, timed as a whole process. Medians of the runs.",
+        f" its WAL flush), in {ingest.ROUNDS} rounds per run taking turns between the copies, rows"
+        " over pgbench's insert time (connections excluded); bulk: `psql \\copy` of a"
+        f" {INGEST_COPY_ROWS:,}-row CSV"
+        " in one transaction as the connecting superuser (PostgreSQL refuses COPY FROM where"
+        " row-level security applies), timed as a whole process. Medians of the runs.",
         "",
         "| scale | inserts | rows per run | with watermark rows/s | without rows/s"
         " | with / without | watermark objects present |",
@@ -551,8 +554,10 @@ time widens the spread between min and max and raises the medians of every case 
   no ratio uses it.
 - (c) `derive run --as-of ... --lookback {LOOKBACK_TEXT} --json` on a fresh copy of the loaded
   database (`CREATE DATABASE derive_bench TEMPLATE derive_bench_loaded`), every user new.
-- (d) the same command again on the result of (c), after a `VACUUM ANALYZE` (as autovacuum would
-  have done before the next cron run): nothing changes, nothing is written.
+- (d) the same command with `--full` again on the result of (c), after a `VACUUM ANALYZE` (as
+  autovacuum would have done before the next cron run): nothing changes, nothing is written.
+  (`--full` is passed only where the CLI has it: a checkout without incremental runs runs full
+  anyway.)
 - (e) the same with `--dry-run`.
 - (f) on a fresh copy of the database after (d) (the base: a run at {AS_OF:%Y-%m-%d %H:%M} over
   every user), events are appended for {incremental.ACTIVE_SHARE:.0%} of the users with a stored

@@ -295,19 +295,19 @@ def test_insert_overhead_runs_both_shapes_on_both_copies(
         second_dsn,
         workdir=tmp_path,
         repeat=2,
-        transactions=10,
+        transactions=16,
         copy_rows=30,
         until=AS_OF,
         seed=1,
     )
 
-    # Assert: 2 x (10 single inserts + 30 copied rows) landed in each copy; only one has the column
+    # Assert: 2 x (4 rounds of 4 single inserts + 30 copied rows) landed in each copy
     for target in (dsn, second_dsn):
         with psycopg.connect(target) as conn:
-            assert conn.execute("SELECT count(*) FROM audience_events").fetchone() == (80,)
+            assert conn.execute("SELECT count(*) FROM audience_events").fetchone() == (92,)
     assert len(result.present) == 4
     assert ingest.watermark_objects(second_dsn) == []
-    for shape, rows in (("single", 10), ("copy", 30)):
+    for shape, rows in (("single", 16), ("copy", 30)):
         pair = result.pair(shape)
         assert pair is not None
         for figure in pair:
