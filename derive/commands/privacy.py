@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -149,6 +150,10 @@ def erase_cmd(
     out.print(f"{verb} {result.rows} rows", markup=False)
 
 
+def _when(cutoff: datetime | None) -> str:
+    return "kept forever" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M}"
+
+
 def prune_cmd(
     rules: RulesOpt = None,
     lookback: Annotated[
@@ -200,10 +205,7 @@ def prune_cmd(
         f"[bold]{head}[/]  now {result.now.isoformat()}  longest lookback "
         f"{result.lookback.days}d  rules {loaded.tag}"
     )
-    rows = [
-        [name, "kept forever" if result.cutoffs[name] is None else result.cutoffs[name], n]
-        for name, n in result.rows.items()
-    ]
+    rows = [[name, _when(result.cutoffs[name]), n] for name, n in result.rows.items()]
     out.print(table("", ["target", "older than", "would go" if dry_run else "removed"], rows))
     if result.archived:
         out.print(f"archived {len(result.archived)} parquet file(s) under {archive}", markup=False)
