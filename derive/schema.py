@@ -14,7 +14,8 @@ UUID = pl.Binary()
 TS = pl.Datetime("us", "UTC")
 STATE = pl.Enum(list(STATES))
 
-#: Rows of ``audience_events`` in the lookback window, as read (metadata keys extracted as text).
+#: Rows of ``audience_events`` in the lookback window, as read: the numeric metadata keys as their
+#: JSON text (null when the key is missing), ``consent_recorded`` only when a JSON boolean.
 EVENTS = pl.Schema(
     {
         "id": UUID,

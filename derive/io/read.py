@@ -2,9 +2,10 @@
 
 The queries take no bind parameters: their bounds are transaction-local settings
 (``derive.window_start``, ``derive.as_of``, ...) set with bound values just before, which keeps the
-ADBC driver on its binary-COPY read path. Metadata keys are extracted server-side as text (and
-``consent_recorded`` only when it is a JSON boolean), so a malformed value can never abort the query:
-validation happens in the transforms.
+ADBC driver on its binary-COPY read path. The numeric metadata keys are read as their JSON text
+(``20``, ``"20"``, ``true``, ``null``, ``[20]``: the type stays visible) and ``consent_recorded``
+only when it is a JSON boolean, so a malformed value can never abort the query: validation happens
+in the transforms (SPEC §2.2: only a finite JSON number is a number).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ SELECT e.id,
        e.event_type,
        e.event_category,
        jsonb_typeof(e.metadata) = 'object' AS metadata_is_object,
-       e.metadata ->> 'duration_seconds' AS duration_seconds,
-       e.metadata ->> 'scroll_depth_percent' AS scroll_depth_percent,
+       (e.metadata -> 'duration_seconds')::text AS duration_seconds,
+       (e.metadata -> 'scroll_depth_percent')::text AS scroll_depth_percent,
        CASE WHEN jsonb_typeof(e.metadata -> 'consent_recorded') = 'boolean'
             THEN (e.metadata ->> 'consent_recorded')::boolean END AS consent_recorded
   FROM audience_events e

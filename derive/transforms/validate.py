@@ -11,11 +11,20 @@ from derive.config import SYSTEM_CATEGORY, Rules
 
 _NUMERIC_KEYS = ("duration_seconds", "scroll_depth_percent")
 
+#: RFC 8259's number grammar. The column holds the value's JSON text, so a JSON string ("20", with
+#: its quotes), a boolean, null, an array or an object never matches, whatever a float parser
+#: would make of it.
+_JSON_NUMBER = r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
+
 
 def _as_number(column: str) -> pl.Expr:
-    """A metadata value as a finite float; null when missing or not a number."""
-    value = pl.col(column).cast(pl.Float64, strict=False)
-    return pl.when(value.is_finite()).then(value)
+    """A metadata value (its JSON text) as a finite float; null when missing or not a number.
+
+    A JSON number beyond float64 (``1e400``) is not finite here, so it is not a number either.
+    """
+    text = pl.col(column)
+    value = text.cast(pl.Float64, strict=False)
+    return pl.when(text.str.contains(_JSON_NUMBER) & value.is_finite()).then(value)
 
 
 def _malformed_number(column: str) -> pl.Expr:
@@ -29,7 +38,8 @@ def classify_events(events: pl.LazyFrame, /, *, rules: Rules) -> pl.LazyFrame:
     Reasons, first match wins: ``unknown_category`` (not in the catalog), ``unknown_event_type``
     (known category, type not in the catalog), ``wrong_category`` (type filed under another
     category), ``malformed_metadata`` (metadata not a JSON object, or duration_seconds /
-    scroll_depth_percent present but not a number).
+    scroll_depth_percent present but not a finite JSON number: a string such as ``"20"``, a
+    boolean, null or an array is malformed). The numeric columns hold the value's JSON text.
 
     Adds ``duration`` and ``scroll_depth`` (floats, missing = 0) for the qualification rule.
     """

@@ -15,10 +15,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from derive.config import load_rules
+from derive.io import read
 from derive.io.connect import connect
 from derive.jobs.adopt import adopt
 from derive.jobs.report import collect_report
 from derive.jobs.status import collect_status
+from derive.transforms.validate import classify_events
 from tests.db.helpers import (
     AS_OF,
     engaged_user,
@@ -230,3 +233,76 @@ def test_status_and_report_read_past_a_run_row_with_malformed_counts_or_args(
     assert newest["users_changed"] is None or isinstance(newest["users_changed"], int)
     assert status.runs.height == 2
     assert data.runs.height >= 1
+
+
+# -- metadata numbers and booleans, as read from real rows (SPEC §2.2) --------------------------------
+
+
+def classified(dsn: str) -> dict[str, tuple[str | None, float, float]]:
+    """session_id -> (invalid_reason, duration, scroll_depth) of every event, as a run reads them."""
+    with connect(dsn) as db:
+        read.begin_snapshot(db)
+        read.set_window(db, as_of=AS_OF, lookback=timedelta(days=120), relog_after=timedelta(1))
+        events = read.read_events(db)
+        db.rollback()
+    result = classify_events(events.lazy(), rules=load_rules()).collect()
+    return {
+        r["session_id"]: (r["invalid_reason"], r["duration"], r["scroll_depth"])
+        for r in result.iter_rows(named=True)
+    }
+
+
+NOT_NUMBERS: list[Any] = ["20", "abc", "", True, False, None, [20], {"value": 20}]
+
+
+@pytest.mark.parametrize("key", ["duration_seconds", "scroll_depth_percent"])
+def test_only_a_json_number_is_a_number_in_stored_metadata(
+    dsn: str, pg: psycopg.Connection, key: str
+) -> None:
+    values: list[Any] = [*NOT_NUMBERS, 20, 20.5, -5, 0, 0.0]
+    rows = [
+        event(1, "content_view", "engagement", session=f"s{i}", metadata={key: v})
+        for i, v in enumerate(values)
+    ]
+    rows.append(event(1, "content_view", "engagement", session="huge", metadata={}))
+    rows.append(event(1, "content_view", "engagement", session="missing", metadata={}))
+    insert_events(pg, rows)
+    # A JSON number beyond float64 (Python's encoder cannot write it): not a finite number.
+    pg.execute(
+        "UPDATE audience_events SET metadata = jsonb_build_object(%s::text, 1e400::numeric)"
+        " WHERE session_id = 'huge'",
+        (key,),
+    )
+
+    result = classified(dsn)
+
+    malformed = {f"s{i}" for i in range(len(NOT_NUMBERS))} | {"huge"}
+    assert {s for s, (reason, _, _) in result.items() if reason} == malformed
+    column = 1 if key == "duration_seconds" else 2
+    numbers = {s: v[column] for s, v in result.items() if s not in malformed}
+    start = len(NOT_NUMBERS)
+    assert numbers == {
+        f"s{start}": 20.0,
+        f"s{start + 1}": 20.5,
+        f"s{start + 2}": -5.0,
+        f"s{start + 3}": 0.0,
+        f"s{start + 4}": 0.0,
+        "missing": 0.0,
+    }
+
+
+@pytest.mark.parametrize("consent", ["true", "yes", 1, None, [True], {"value": True}])
+def test_consent_recorded_must_be_a_json_boolean_in_stored_metadata(
+    dsn: str, pg: psycopg.Connection, consent: Any
+) -> None:
+    rows = [*engaged_user(1), *engaged_user(2)]
+    rows.append(event(1, "email_subscribe", "subscription", metadata={"consent_recorded": consent}))
+    rows.append(event(2, "email_subscribe", "subscription", metadata={"consent_recorded": True}))
+    insert_events(pg, rows)
+
+    report = run(dsn)
+
+    assert report.counts["rejected_by_reason"] == {"consent_missing": 1}
+    ((user, _),) = system_rows(pg, "validation_fail")
+    assert user == uid(1)
+    assert states(pg) == {uid(2): "S3"}  # the rejected new user gets no state this run

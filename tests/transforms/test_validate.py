@@ -74,11 +74,36 @@ def test_malformed_metadata_when_metadata_is_not_an_object() -> None:
     assert_frame_equal(result, expected_reasons("malformed_metadata", None))
 
 
-@pytest.mark.parametrize(
-    "text", ["abc", "true", "false", "NaN", "Infinity", "-Infinity", "", " 20"]
-)
+# The numeric columns hold the value's JSON text (``derive.io.read``): '"20"' is the JSON string.
+NOT_FINITE_JSON_NUMBERS = [
+    '"20"',  # a JSON string that looks like a number is not a number (SPEC §2.2)
+    '"abc"',
+    '""',
+    "true",
+    "false",
+    "null",
+    "[20]",
+    '{"value": 20}',
+    "1e400",  # a JSON number beyond float64
+    "-1" + "0" * 400,
+    # Not JSON number syntax (PostgreSQL never writes these, a float parser would take them):
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "inf",
+    " 20",
+    ".5",
+    "+5",
+    "0x10",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", NOT_FINITE_JSON_NUMBERS)
 @pytest.mark.parametrize("key", ["duration_seconds", "scroll_depth_percent"])
-def test_malformed_metadata_when_a_numeric_key_is_not_a_number(key: str, text: str) -> None:
+def test_malformed_metadata_when_a_numeric_key_is_not_a_finite_json_number(
+    key: str, text: str
+) -> None:
     events = make_events(**{key: [text]}, event_type="scroll_depth_75")
 
     result = reasons_of(events)
@@ -88,9 +113,19 @@ def test_malformed_metadata_when_a_numeric_key_is_not_a_number(key: str, text: s
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("20", 20.0), ("19.999", 19.999), ("1e2", 100.0), ("-5", -5.0), ("0", 0.0), (".5", 0.5)],
+    [
+        ("20", 20.0),
+        ("19.999", 19.999),
+        ("1e2", 100.0),
+        ("2E+1", 20.0),
+        ("-5", -5.0),
+        ("0", 0.0),
+        ("-0", 0.0),
+        ("0.5", 0.5),
+        ("1e-400", 0.0),  # underflows to zero: finite
+    ],
 )
-def test_numeric_strings_are_numbers(text: str, value: float) -> None:
+def test_json_numbers_are_numbers(text: str, value: float) -> None:
     events = make_events(duration_seconds=[text], scroll_depth_percent=[text])
 
     result = (
