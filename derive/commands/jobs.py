@@ -138,13 +138,25 @@ def rollup_cmd(
     rules: MetricsRulesOpt = None,
     dsn: DsnOpt = None,
     as_json: JsonOpt = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Read every source row and every aggregate instead of only what is new since "
+            "the previous rollup (same result, slower).",
+        ),
+    ] = False,
 ) -> None:
     """Roll surface_metrics up into cross-surface metric_aggregates.
 
     Per (user, metric_kind, window) the newest fetch of each surface counts; kinds aggregate as
     the rules say (sums, mean of rates, best rank), with surfaces_included and surface_breakdown.
     Monetary kinds are summed only within one currency; mixed currencies are reported and not
-    aggregated. Missing aggregates are created; due ones (stale_after <= --as-of) are recomputed
+    aggregated; a stored aggregate whose sources come to mix currencies is removed (counted as
+    removed), so no total contradicts its sources. Ties on fetched_at go to the later ingest,
+    then the later object and row of the file. Incremental: only source rows committed after
+    the previous rollup's read snapshot are read (--full reads all). Identical re-fetches count
+    as refreshed (refreshed_refetched_identical). Missing aggregates are created; due ones (stale_after <= --as-of) are recomputed
     when their sources changed, otherwise only their stale_after moves (+15m for windows that
     ended within 24h, +1h within 7d, +1d within 90d, 'infinity' beyond). Aggregates not yet due
     are not touched. Logged in derivation_runs. Exit codes: 0 done, 1 failed, 2 usage error,
@@ -158,7 +170,7 @@ def rollup_cmd(
     metrics_rules = load_metrics_rules(rules)
     when = timestamp(as_of) or utc_now()
     with open_db(dsn) as db:
-        result = run_rollup(db, as_of=when, rules=metrics_rules)
+        result = run_rollup(db, as_of=when, rules=metrics_rules, full=full)
     if as_json:
         print_json(
             {
@@ -173,9 +185,10 @@ def rollup_cmd(
         return
     out.print(
         f"[bold]rollup run {result.run_id}[/]  as_of {result.as_of.isoformat()}  "
-        f"rules {result.rules_version}"
+        f"rules {result.rules_version}  {result.counts['mode']} ({result.counts['mode_reason']})"
     )
-    out.print(table("aggregates", ["", "count"], [[k, v] for k, v in result.counts.items()]))
+    shown = [[k, v] for k, v in result.counts.items() if isinstance(v, int)]
+    out.print(table("aggregates", ["", "count"], shown))
     for item in result.skipped[:20]:
         currencies = ", ".join(c or "none" for c in item["currencies"])
         out.print(

@@ -11,6 +11,7 @@ import json
 import sys
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -243,11 +244,16 @@ def insert_surface_metrics(db: Db, rows: pl.DataFrame) -> int:
     if rows.is_empty():
         return 0
     _fresh_temp(db, "derive_metric_rows", rows)
+    # Ids are time-ordered in file order (UUIDv7 layout: milliseconds, version 7, then the
+    # row's position in the file), so the rollup's tie-break on equal fetched_at and created_at
+    # (the larger id wins) is the later object and row of the file, never a random draw.
     count = db.fetch_value(
-        "WITH ins AS (INSERT INTO surface_metrics (user_id, org_id, surface, metric_kind,"
+        "WITH ins AS (INSERT INTO surface_metrics (id, user_id, org_id, surface, metric_kind,"
         " window_start, window_end, value_numeric, value_text, currency, source, fetched_at,"
         " payload_jsonb)"
-        " SELECT user_id::uuid, org_id::uuid, surface, metric_kind::surface_metric_kind,"
+        " SELECT (lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12,"
+        "  '0') || '70008' || lpad(to_hex(row_number() OVER (ORDER BY object, row)), 15, '0'))::uuid,"
+        " user_id::uuid, org_id::uuid, surface, metric_kind::surface_metric_kind,"
         " window_start, window_end, value_numeric::numeric(18, 4), value_text, currency, source,"
         " fetched_at, payload_jsonb::jsonb FROM pg_temp.derive_metric_rows"
         " ORDER BY object, row RETURNING 1) SELECT count(*) FROM ins"
@@ -284,81 +290,209 @@ def insert_sessions(db: Db, sessions: pl.DataFrame, steps: pl.DataFrame) -> None
 # --------------------------------------------------------------------------------------------------
 
 _AS_OF = "current_setting('derive.as_of')::timestamptz"
+_BASE = "current_setting('derive.base_snapshot')::pg_snapshot"
 
-# Sources of every key that has no fresh aggregate: missing or due ones. Rows fetched after
-# as_of are not visible, so a rollup at a past as_of sees the data as it was then.
-_SOURCES_SQL = f"""
-SELECT s.id, s.user_id, s.org_id, s.surface, s.metric_kind::text AS metric_kind,
-       s.window_start, s.window_end, (s.value_numeric * 10000)::int8 AS value_e4, s.currency,
-       s.fetched_at, s.created_at
+# Candidate source rows of an incremental rollup: rows that became visible after the base run's
+# read snapshot (any fetched_at, rows of transactions still open at that snapshot included: their
+# xid is not visible in it), plus the rows the base run left pending. A timestamp or sequence
+# cursor would lose the rows of transactions open at read time; the snapshot horizon cannot.
+_CANDIDATES_SQL = f"""
+SELECT s.user_id, s.metric_kind, s.window_start, s.window_end, s.fetched_at
   FROM surface_metrics s
- WHERE s.fetched_at <= {_AS_OF}
-   AND NOT EXISTS (
-         SELECT 1 FROM metric_aggregates a
-          WHERE a.user_id = s.user_id AND a.metric_kind = s.metric_kind
-            AND a.window_start = s.window_start AND a.window_end = s.window_end
-            AND a.stale_after > {_AS_OF})
+ WHERE s.xid >= pg_snapshot_xmin({_BASE}) AND NOT pg_visible_in_snapshot(s.xid, {_BASE})
+UNION ALL
+SELECT p.user_id, p.metric_kind, p.window_start, p.window_end, p.fetched_at FROM rollup_pending p
 """
 
-_STORED_SQL = f"""
-SELECT a.user_id, a.org_id, a.metric_kind::text AS metric_kind, a.window_start, a.window_end,
-       (a.value_numeric * 10000)::int8 AS value_e4, a.currency, a.surfaces_included
-  FROM metric_aggregates a
- WHERE a.stale_after <= {_AS_OF}
+_FRESH = f"""EXISTS (SELECT 1 FROM metric_aggregates a
+          WHERE a.user_id = c.user_id AND a.metric_kind = c.metric_kind
+            AND a.window_start = c.window_start AND a.window_end = c.window_end
+            AND a.stale_after > {_AS_OF})"""
+
+# Keys to recompute: a candidate fetched by as_of whose aggregate is missing or due.
+_READY_SQL = f"""
+SELECT DISTINCT c.user_id, c.metric_kind, c.window_start, c.window_end
+  FROM ({_CANDIDATES_SQL}) c
+ WHERE c.fetched_at <= {_AS_OF} AND NOT {_FRESH}
 """
 
-_STORED_PARTS_SQL = f"""
-SELECT a.user_id, a.metric_kind::text AS metric_kind, a.window_start, a.window_end,
+# What stays pending: candidates fetched after as_of, or whose aggregate is still fresh (the
+# cadence decides when it is recomputed).
+_PENDING_SQL = f"""
+SELECT DISTINCT c.user_id, c.metric_kind::text AS metric_kind, c.window_start, c.window_end,
+       c.fetched_at
+  FROM ({_CANDIDATES_SQL}) c
+ WHERE c.fetched_at > {_AS_OF} OR {_FRESH}
+"""
+
+_SOURCE_COLUMNS = """s.id, s.user_id, s.org_id, s.surface, s.metric_kind::text AS metric_kind,
+       s.window_start, s.window_end, (s.value_numeric * 10000)::int8 AS value_e4, s.currency,
+       s.fetched_at, s.created_at"""
+
+_AGGREGATE_COLUMNS = """a.user_id, a.org_id, a.metric_kind::text AS metric_kind, a.window_start,
+       a.window_end, (a.value_numeric * 10000)::int8 AS value_e4, a.currency,
+       a.surfaces_included, a.computed_at"""
+
+_PART_COLUMNS = """a.user_id, a.metric_kind::text AS metric_kind, a.window_start, a.window_end,
        e.key AS surface,
        CASE WHEN jsonb_typeof(e.value) = 'number'
-            THEN ((e.value #>> '{{}}')::numeric * 10000)::int8 END AS value_e4
-  FROM metric_aggregates a
+            THEN ((e.value #>> '{}')::numeric * 10000)::int8 END AS value_e4"""
+
+_PARTS_FROM = """metric_aggregates a
  CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(a.surface_breakdown) = 'object'
-                                    THEN a.surface_breakdown ELSE '{{}}'::jsonb END) AS e
- WHERE a.stale_after <= {_AS_OF}
-"""
+                                    THEN a.surface_breakdown ELSE '{}'::jsonb END) AS e"""
+
+_READY_JOIN = """JOIN pg_temp.derive_rollup_ready k
+    ON k.user_id = {t}.user_id AND k.metric_kind = {t}.metric_kind
+   AND k.window_start = {t}.window_start AND k.window_end = {t}.window_end"""
+
+# A full run: every source row fetched by as_of, every stored aggregate.
+_FULL_SQL = {
+    "sources": f"SELECT {_SOURCE_COLUMNS} FROM surface_metrics s WHERE s.fetched_at <= {_AS_OF}",
+    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregates a",
+    "stored_parts": f"SELECT {_PART_COLUMNS} FROM {_PARTS_FROM}",
+    "pending": "SELECT s.user_id, s.metric_kind::text AS metric_kind, s.window_start,"
+    f" s.window_end, s.fetched_at FROM surface_metrics s WHERE s.fetched_at > {_AS_OF}",
+}
+
+# An incremental run: the sources and stored aggregates of the ready keys only, and the due
+# aggregates no candidate touches (they only get a new stale_after).
+_INCREMENTAL_SQL = {
+    "sources": f"SELECT {_SOURCE_COLUMNS} FROM surface_metrics s {_READY_JOIN.format(t='s')}"
+    f" WHERE s.fetched_at <= {_AS_OF}",
+    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregates a {_READY_JOIN.format(t='a')}",
+    "stored_parts": f"SELECT {_PART_COLUMNS} FROM {_PARTS_FROM} {_READY_JOIN.format(t='a')}",
+    "pending": _PENDING_SQL,
+    "due": "SELECT a.user_id, a.org_id, a.metric_kind::text AS metric_kind, a.window_start,"
+    f" a.window_end FROM metric_aggregates a WHERE a.stale_after <= {_AS_OF}"
+    " AND NOT EXISTS (SELECT 1 FROM pg_temp.derive_rollup_ready k WHERE k.user_id = a.user_id"
+    "   AND k.metric_kind = a.metric_kind AND k.window_start = a.window_start"
+    "   AND k.window_end = a.window_end)",
+}
+
+
+@dataclass(frozen=True)
+class RollupBase:
+    """The previous succeeded rollup an incremental run starts from."""
+
+    run_id: str
+    as_of: datetime
+    rules_version: str | None
+    snapshot: str | None
 
 
 @dataclass(frozen=True)
 class RollupInput:
-    """What the rollup reads: candidate sources, due aggregates and their breakdown."""
+    """What the rollup reads, in one snapshot.
+
+    ``sources`` / ``stored`` / ``stored_parts``: the source rows, stored aggregates and their
+    breakdown of the keys to recompute (all keys in a full run); ``due``: stored aggregates that
+    are due but untouched by new sources (empty in a full run); ``pending``: source rows left for
+    a later run (fetched after as_of, or their aggregate is still fresh); ``snapshot``: the read
+    snapshot (``pg_current_snapshot()``), the next run's horizon.
+    """
 
     sources: pl.DataFrame
     stored: pl.DataFrame
     stored_parts: pl.DataFrame
+    due: pl.DataFrame
+    pending: pl.DataFrame
+    snapshot: str
 
 
-def read_rollup_input(db: Db, *, as_of_iso: str) -> RollupInput:
-    """Read the rollup's input in one snapshot (one REPEATABLE READ transaction, service_role)."""
+def rollup_base(db: Db) -> RollupBase | None:
+    """The latest succeeded rollup run, or ``None``."""
+    rows = db.fetch_all(
+        "SELECT run_id::text, as_of, rules_version, counts ->> 'read_snapshot'"
+        " FROM derivation_runs WHERE job = 'rollup' AND status = 'succeeded'"
+        " ORDER BY started_at DESC LIMIT 1"
+    )
+    db.rollback()
+    if not rows:
+        return None
+    run_id, as_of, rules_version, snapshot = rows[0]
+    return RollupBase(str(run_id), as_of, rules_version, snapshot)
+
+
+def read_rollup_input(db: Db, *, as_of_iso: str, base_snapshot: str | None) -> RollupInput:
+    """Read the rollup's input in one snapshot (one REPEATABLE READ transaction, service_role).
+
+    ``base_snapshot`` given: an incremental read from that horizon; ``None``: a full read.
+    """
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
         db.execute('SET LOCAL ROLE "service_role"')
+        snapshot = str(db.fetch_value("SELECT pg_current_snapshot()::text"))
         db.set_local(as_of=as_of_iso)
-        result = RollupInput(
-            sources=db.fetch_df(_SOURCES_SQL),
-            stored=db.fetch_df(_STORED_SQL),
-            stored_parts=db.fetch_df(_STORED_PARTS_SQL),
-        )
+        if base_snapshot is None:
+            frames = {name: db.fetch_df(sql) for name, sql in _FULL_SQL.items()}
+            frames["due"] = pl.DataFrame()
+        else:
+            db.set_local(base_snapshot=base_snapshot)
+            db.execute(f"CREATE TEMP TABLE derive_rollup_ready ON COMMIT DROP AS {_READY_SQL}")
+            frames = {name: db.fetch_df(sql) for name, sql in _INCREMENTAL_SQL.items()}
     finally:
         db.rollback()
-    return result
+    return RollupInput(snapshot=snapshot, **frames)
 
 
-def write_rollup(db: Db, plan: pl.DataFrame) -> dict[str, int]:
-    """Apply a rollup plan inside the caller's transaction. Returns rows written and touched.
+def lock_owners(db: Db) -> None:
+    """Keep the plan's users and orgs from being deleted until the write commits; drop the plan
+    rows of owners deleted since the read.
+
+    ``metric_aggregates`` has no foreign keys (migration 0010): the KEY SHARE row locks taken
+    here, one statement for all owners, give the same guarantee a foreign key's per-row check did.
+    A delete waits for the write, then its trigger removes the new rows.
+    """
+    db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM users WHERE id IN (SELECT DISTINCT"
+        " encode(user_id, 'hex')::uuid FROM pg_temp.derive_rollup_plan) FOR KEY SHARE) AS u"
+    )
+    db.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM orgs WHERE id IN (SELECT DISTINCT"
+        " encode(org_id, 'hex')::uuid FROM pg_temp.derive_rollup_plan WHERE org_id IS NOT NULL)"
+        " FOR KEY SHARE) AS o"
+    )
+    db.execute(
+        "DELETE FROM pg_temp.derive_rollup_plan r WHERE NOT EXISTS (SELECT 1 FROM users u"
+        " WHERE u.id = encode(r.user_id, 'hex')::uuid) OR (r.org_id IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM orgs o WHERE o.id = encode(r.org_id, 'hex')::uuid))"
+    )
+
+
+def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str, int]:
+    """Apply a rollup plan inside the caller's transaction. Returns rows written, touched, removed.
 
     ``write`` rows are upserted (the breakdown arrives as JSON text); the
     ``WHERE ... IS DISTINCT FROM`` keeps an unchanged row untouched. New rows are inserted in key
     order with time-ordered ids (UUIDv7 layout: milliseconds, then a counter) instead of the
     column's random default, so the primary-key index grows at its right edge: about a third
     less write time for a first rollup of ~760k aggregates. ``touch`` rows only get their
-    new ``stale_after``. ``final`` maps to 'infinity', which Arrow cannot carry.
+    new ``stale_after``; ``delete`` rows are removed. ``final`` maps to 'infinity', which Arrow
+    cannot carry. ``rollup_pending`` is replaced by ``pending`` (the next run's candidates).
     """
+    db.execute("DELETE FROM rollup_pending")
+    if pending.height:
+        _fresh_temp(db, "derive_rollup_pending", pending)
+        db.execute(
+            "INSERT INTO rollup_pending (user_id, metric_kind, window_start, window_end,"
+            " fetched_at) SELECT encode(user_id, 'hex')::uuid, metric_kind::surface_metric_kind,"
+            " window_start, window_end, fetched_at FROM pg_temp.derive_rollup_pending"
+        )
+        db.execute("DROP TABLE pg_temp.derive_rollup_pending")
     if plan.is_empty():
-        return {"written": 0, "touched": 0}
+        return {"written": 0, "touched": 0, "removed": 0}
     db.execute("SELECT set_config('work_mem', '256MB', true)")
     _fresh_temp(db, "derive_rollup_plan", plan)
+    lock_owners(db)
+    removed = db.fetch_value(
+        "WITH d AS (DELETE FROM metric_aggregates m USING pg_temp.derive_rollup_plan r"
+        " WHERE r.action = 'delete' AND m.user_id = encode(r.user_id, 'hex')::uuid"
+        " AND m.metric_kind = r.metric_kind::surface_metric_kind"
+        " AND m.window_start = r.window_start AND m.window_end = r.window_end RETURNING 1)"
+        " SELECT count(*) FROM d"
+    )
     written = db.fetch_value(
         """
         WITH up AS (
@@ -407,4 +541,4 @@ def write_rollup(db: Db, plan: pl.DataFrame) -> dict[str, int]:
         """
     )
     db.execute("DROP TABLE pg_temp.derive_rollup_plan")
-    return {"written": int(written), "touched": int(touched)}
+    return {"written": int(written), "touched": int(touched), "removed": int(removed)}

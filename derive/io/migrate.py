@@ -29,6 +29,7 @@ RLS_TABLES = (
     "ingestion_session_steps",
     "audience_state_history",
     "audience_state_history_steps",
+    "rollup_pending",
 )
 TENANT_POLICIES = (
     "audience_state",

@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from derive.io.connect import Db
-from derive.io.metrics import read_rollup_input, write_rollup
+from derive.io.metrics import RollupBase, read_rollup_input, rollup_base, write_rollup
 from derive.io.runlog import job_run
 from derive.metrics_rules import MetricsRules
 from derive.transforms.rollup import (
@@ -29,6 +29,7 @@ from derive.transforms.rollup import (
     plan_rollup,
     skipped,
     surface_values,
+    touch_due,
 )
 
 JOB = "rollup"
@@ -41,7 +42,7 @@ class RollupResult:
     run_id: str
     as_of: datetime
     rules_version: str
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
@@ -57,11 +58,48 @@ def _shaped(frame: pl.DataFrame, schema: pl.Schema) -> pl.LazyFrame:
     return frame.lazy().select(list(schema)).cast(schema)
 
 
-def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
+PENDING = pl.Schema(
+    {
+        "user_id": pl.Binary(),
+        "metric_kind": pl.String(),
+        "window_start": pl.Datetime("us", "UTC"),
+        "window_end": pl.Datetime("us", "UTC"),
+        "fetched_at": pl.Datetime("us", "UTC"),
+    }
+)
+DUE = pl.Schema(
+    {
+        "user_id": pl.Binary(),
+        "org_id": pl.Binary(),
+        "metric_kind": pl.String(),
+        "window_start": pl.Datetime("us", "UTC"),
+        "window_end": pl.Datetime("us", "UTC"),
+    }
+)
+
+
+def _mode(base: RollupBase | None, *, as_of: datetime, rules: MetricsRules) -> tuple[str, str]:
+    """(``incremental`` or ``full``, why) for a run at ``as_of`` after ``base``."""
+    if base is None:
+        return "full", "no previous rollup"
+    if base.snapshot is None:
+        return "full", "the previous rollup recorded no read snapshot"
+    if base.rules_version != rules.tag:
+        return "full", f"rules changed ({base.rules_version} -> {rules.tag})"
+    if as_of < base.as_of:
+        return "full", f"as_of is before the previous rollup's ({base.as_of.isoformat()})"
+    return "incremental", f"new sources since run {base.run_id}"
+
+
+def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = False) -> RollupResult:
     """Create missing aggregates, recompute due ones whose sources changed, move ``stale_after``.
 
-    Aggregates whose ``stale_after`` is after ``as_of`` are neither read nor written, so a
-    second run at the same ``as_of`` writes nothing.
+    Incremental by default: only source rows that became visible after the previous rollup's read
+    snapshot (and the rows it left pending) are read, with the sources of the keys they touch;
+    due aggregates no new row touches only get a new ``stale_after``. A run with nothing new and
+    nothing due reads nothing but those two small sets. ``full`` (or no usable base: first run,
+    changed rules, an ``as_of`` before the previous run's) reads every source row and every stored
+    aggregate. Both give the same table.
 
     Raises:
         LockBusy: another rollup holds the lock (recorded as ``skipped``).
@@ -70,7 +108,14 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
         db, job=JOB, as_of=as_of, rules_version=rules.tag, args={"rules": rules.source}
     ) as run:
         with run.phase("read"):
-            data = read_rollup_input(db, as_of_iso=as_of.isoformat())
+            base = rollup_base(db)
+            mode, why = ("full", "--full") if full else _mode(base, as_of=as_of, rules=rules)
+            assert base is not None or mode == "full"
+            data = read_rollup_input(
+                db,
+                as_of_iso=as_of.isoformat(),
+                base_snapshot=base.snapshot if mode == "incremental" and base else None,
+            )
         with run.phase("compute"):
             # Materialised per stage: each stage's output feeds several joins of the next one.
             latest = latest_per_surface(_shaped(data.sources, SOURCES)).collect()
@@ -80,7 +125,8 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
                     surface_values(latest.lazy()),
                 ]
             )
-            plan, not_aggregated = pl.collect_all(
+            due = pl.LazyFrame(schema=DUE) if data.due.width == 0 else _shaped(data.due, DUE)
+            recomputed, touched, not_aggregated = pl.collect_all(
                 [
                     plan_rollup(
                         aggregates.lazy(),
@@ -90,22 +136,31 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules) -> RollupResult:
                         as_of=as_of,
                         rules=rules,
                     ),
+                    touch_due(due, as_of=as_of, rules=rules),
                     skipped(aggregates.lazy()),
                 ]
             )
+            plan = pl.concat([recomputed, touched])
+            pending = _shaped(data.pending, PENDING).unique().collect()
         with run.phase("write"), db.transaction(role="service_role"):
-            written = write_rollup(db, plan)
+            written = write_rollup(db, plan, pending)
         outcomes = dict(plan.group_by("outcome").len().iter_rows())
         reasons = dict(not_aggregated.group_by("status").len().iter_rows())
         run.counts = {
+            "mode": mode,
+            "mode_reason": why,
             "sources_read": data.sources.height,
             "sources_superseded": data.sources.height - latest.height,
-            "due_aggregates_read": data.stored.height,
+            "aggregates_read": data.stored.height + data.due.height,
             **{o: int(outcomes.get(o, 0)) for o in OUTCOMES},
+            "refreshed_refetched_identical": int(plan["refetched"].sum()),
             "final": int(plan["final"].sum()),
             **{f"not_aggregated_{s}": int(reasons.get(s, 0)) for s in SKIP_STATUSES},
             "rows_written": written["written"],
             "rows_touched": written["touched"],
+            "rows_removed": written["removed"],
+            "pending": pending.height,
+            "read_snapshot": data.snapshot,
         }
         result = RollupResult(run.run_id, as_of, rules.tag, run.counts, run.timings)
         result.skipped = (

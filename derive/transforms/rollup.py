@@ -54,6 +54,7 @@ STORED = pl.Schema(
         "value_e4": pl.Int64(),
         "currency": pl.String(),
         "surfaces_included": pl.List(pl.String()),
+        "computed_at": TS,
     }
 )
 
@@ -85,6 +86,7 @@ AGGREGATES = pl.Schema(
         "surfaces_included": pl.List(pl.String()),
         "surface_breakdown": pl.String(),
         "status": pl.String(),
+        "fetched_at": TS,
     }
 )
 
@@ -92,7 +94,10 @@ AGGREGATES = pl.Schema(
 PARTS = STORED_PARTS
 
 #: What the write does per key: ``write`` (insert or recompute, with the surfaces and the
-#: breakdown as JSON text) or ``touch`` (new stale_after only; surfaces and breakdown null).
+#: breakdown as JSON text), ``touch`` (new stale_after only; surfaces and breakdown null) or
+#: ``delete`` (the stored aggregate's sources can no longer be aggregated). ``refetched``: a
+#: ``refreshed`` key whose sources were fetched again after the aggregate was computed, with
+#: identical values.
 PLAN = pl.Schema(
     {
         "user_id": UUID,
@@ -109,6 +114,7 @@ PLAN = pl.Schema(
         "computed_at": TS,
         "surfaces_included": pl.List(pl.String()),
         "surface_breakdown": pl.String(),
+        "refetched": pl.Boolean(),
     }
 )
 
@@ -116,8 +122,10 @@ PLAN = pl.Schema(
 SKIP_STATUSES: tuple[str, ...] = ("mixed_currency", "no_numeric_value", "out_of_range", "no_rule")
 
 #: Plan outcomes: inserted (missing aggregate), recomputed (sources advanced), refreshed (stale,
-#: unchanged: only stale_after moves).
-OUTCOMES: tuple[str, ...] = ("inserted", "recomputed", "refreshed")
+#: unchanged: only stale_after moves; identical re-fetches included), removed (the sources of a
+#: stored aggregate now mix currencies or lost their numeric values: the stored total would
+#: contradict them, so the row is deleted and the key reported as not aggregated).
+OUTCOMES: tuple[str, ...] = ("inserted", "recomputed", "refreshed", "removed")
 
 # numeric(18,4) holds |value| < 10^14, i.e. |value_e4| < 10^18.
 _MAX_E4 = 10**18
@@ -126,8 +134,9 @@ _MAX_E4 = 10**18
 def latest_per_surface(sources: pl.LazyFrame, /) -> pl.LazyFrame:
     """Keep the newest fetch of each (user, surface, metric_kind, window).
 
-    Ties on ``fetched_at`` go to the later ``created_at``, then the larger id, so the choice does
-    not depend on input order.
+    Ties on ``fetched_at`` go to the later ``created_at`` (the later ingest), then the larger id:
+    the ingest gives a file's rows time-ordered ids in file order, so within one file the later
+    object (and the later row of an object) wins. The choice never depends on input order.
     """
     order = ["fetched_at", "created_at", "id"]
     return sources.sort(order, descending=True, nulls_last=True).unique(
@@ -205,6 +214,7 @@ def aggregate_across_surfaces(latest: pl.LazyFrame, /, *, rules: MetricsRules) -
             currencies=pl.col("currency").filter(has_value),
             surfaces_included=pl.col("surface").filter(has_value),
             members=pl.col("member").drop_nulls().str.join(", "),
+            fetched_at=pl.col("fetched_at").filter(has_value).max(),
         )
         .join(_rules_frame(rules), on="metric_kind", how="left", maintain_order="left")
     )
@@ -242,6 +252,7 @@ def aggregate_across_surfaces(latest: pl.LazyFrame, /, *, rules: MetricsRules) -
             surfaces_included="surfaces_included",
             surface_breakdown=pl.when(ok).then(pl.lit("{") + pl.col("members") + pl.lit("}")),
             status="status",
+            fetched_at="fetched_at",
         )
         .cast(AGGREGATES)
     )
@@ -318,8 +329,22 @@ def plan_rollup(
         .then(pl.lit("inserted"))
         .when(ok & (header_changed | pl.col("part_changed")))
         .then(pl.lit("recomputed"))
+        .when(pl.col("stored") & pl.col("status").is_not_null() & ~ok)
+        .then(pl.lit("removed"))
         .when(pl.col("stored"))
         .then(pl.lit("refreshed"))
+    )
+    refetched = (
+        (pl.col("outcome") == "refreshed")
+        & ok.fill_null(False)
+        & (pl.col("fetched_at") > pl.col("computed_at")).fill_null(False)
+    )
+    action = (
+        pl.when(pl.col("outcome") == "refreshed")
+        .then(pl.lit("touch"))
+        .when(pl.col("outcome") == "removed")
+        .then(pl.lit("delete"))
+        .otherwise(pl.lit("write"))
     )
     due = stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
     writes = pl.col("action") == "write"
@@ -328,12 +353,7 @@ def plan_rollup(
         .with_columns(pl.col("part_changed").fill_null(False))
         .with_columns(outcome=outcome)
         .filter(pl.col("outcome").is_not_null())
-        .with_columns(
-            action=pl.when(pl.col("outcome") == "refreshed")
-            .then(pl.lit("touch"))
-            .otherwise(pl.lit("write")),
-            stale_after=due,
-        )
+        .with_columns(action=action, stale_after=due)
         .select(
             *KEY[:1],
             "org_id",
@@ -347,10 +367,41 @@ def plan_rollup(
             computed_at=pl.lit(as_of, TS),
             surfaces_included=pl.when(writes).then(pl.col("surfaces_included")),
             surface_breakdown=pl.when(writes).then(pl.col("surface_breakdown")),
+            refetched=refetched,
         )
         .cast(PLAN)
     )
     return plan
+
+
+def touch_due(due: pl.LazyFrame, /, *, as_of: datetime, rules: MetricsRules) -> pl.LazyFrame:
+    """Plan rows for due aggregates whose sources did not change: a new ``stale_after`` only.
+
+    ``due`` holds the keys (and ``org_id``) of stored aggregates with ``stale_after <= as_of``
+    that no new source row touches; the job knows that from its watermark, so their sources need
+    not be read.
+
+    Returns:
+        :data:`PLAN` rows, outcome ``refreshed``, action ``touch``.
+    """
+    refreshed = due.with_columns(
+        stale_after=stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
+    )
+    return refreshed.select(
+        *KEY[:1],
+        "org_id",
+        *KEY[1:],
+        value_e4=pl.lit(None, pl.Int64),
+        currency=pl.lit(None, pl.String),
+        action=pl.lit("touch"),
+        outcome=pl.lit("refreshed"),
+        final=pl.col("stale_after").is_null(),
+        stale_after="stale_after",
+        computed_at=pl.lit(as_of, TS),
+        surfaces_included=pl.lit(None, pl.List(pl.String())),
+        surface_breakdown=pl.lit(None, pl.String),
+        refetched=pl.lit(False),
+    ).cast(PLAN)
 
 
 def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:

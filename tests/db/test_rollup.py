@@ -308,3 +308,158 @@ def test_cli_rollup_prints_json_counts(dsn: str, tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["inserted"] == 1
+
+
+def test_a_key_whose_sources_become_mixed_currency_loses_its_aggregate(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("gross_revenue", 6681.05, currency="USD"))
+    load(dsn, tmp_path, "x", row("gross_revenue", 100, currency="USD"))
+    rollup(dsn)
+    later = AS_OF + timedelta(hours=2)
+    load(dsn, tmp_path, "x", row("gross_revenue", 90, currency="EUR"), fetched_at=later)
+
+    result = rollup(dsn, later)
+
+    assert aggregates(pg) == {}
+    assert (result.counts["removed"], result.counts["rows_removed"]) == (1, 1)
+    assert result.counts["not_aggregated_mixed_currency"] == 1
+    assert [s["currencies"] for s in result.skipped] == [["EUR", "USD"]]
+
+
+def ingest_file(dsn: str, path: Path, objects: list[dict[str, Any]]) -> None:
+    path.write_text("\n".join(json.dumps(o) for o in objects))
+    with connect(dsn) as db:
+        ingest_metrics(
+            db, str(path), rules=RULES, user_id=USER_A, fetched_at=AS_OF - timedelta(hours=1)
+        )
+
+
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)])
+def test_a_fetched_at_tie_in_one_file_goes_to_the_later_object(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path, order: tuple[int, int]
+) -> None:
+    objects = [
+        {
+            "surface": "tryst",
+            "rows": [row("profile_view", value)],
+            "next_poll_after_ms": 0,
+            "health_note": "ok",
+        }
+        for value in order
+    ]
+    ingest_file(dsn, tmp_path / "tie.jsonl", objects)
+
+    rollup(dsn)
+
+    assert aggregates(pg)["profile_view"][0] == Decimal(order[-1])
+
+
+def test_an_identical_refetch_is_counted_as_refreshed_and_refetched(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 120))
+    rollup(dsn)
+    later = AS_OF + timedelta(hours=2)
+    load(dsn, tmp_path, "tryst", row("profile_view", 120), fetched_at=AS_OF + timedelta(hours=1))
+
+    result = rollup(dsn, later)
+
+    assert (result.counts["refreshed"], result.counts["refreshed_refetched_identical"]) == (1, 1)
+    assert result.counts["recomputed"] == 0
+
+
+def test_steady_state_reads_no_source_rows(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 120), row("gross_revenue", 5, currency="USD"))
+    load(dsn, tmp_path, "x", row("gross_revenue", 5, currency="EUR"))  # never aggregated
+    first = rollup(dsn)
+
+    second = rollup(dsn)
+
+    assert (first.counts["mode"], second.counts["mode"]) == ("full", "incremental")
+    assert (second.counts["sources_read"], second.counts["aggregates_read"]) == (0, 0)
+
+
+def test_rows_of_a_transaction_open_during_the_base_read_are_not_lost(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 120))
+    with psycopg.connect(dsn) as open_tx:
+        # Inserted (and its xid taken) before the base rollup reads, committed after it: a cursor
+        # on created_at or on a sequence would have moved past this row.
+        open_tx.execute(
+            "INSERT INTO surface_metrics (user_id, surface, metric_kind, window_start, window_end,"
+            " value_numeric, source, fetched_at) VALUES (%s, 'x', 'profile_view', %s, %s, 5,"
+            " 'manual', %s)",
+            (USER_A, DAY_END - timedelta(days=1), DAY_END, AS_OF - timedelta(hours=3)),
+        )
+        rollup(dsn)
+        open_tx.commit()
+    assert aggregates(pg)["profile_view"][0] == Decimal(120)
+    later = AS_OF + timedelta(hours=1)
+
+    result = rollup(dsn, later)
+
+    assert result.counts["mode"] == "incremental"
+    assert aggregates(pg)["profile_view"][:3] == (Decimal(125), None, ["tryst", "x"])
+
+
+def test_a_fresh_aggregate_keeps_its_new_sources_pending_until_due(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    month_ago = AS_OF - timedelta(days=30)
+    load(dsn, tmp_path, "tryst", row("dm_outbound", 1, end=month_ago))
+    rollup(dsn)  # due again a day later
+    load(
+        dsn,
+        tmp_path,
+        "x",
+        row("dm_outbound", 6, end=month_ago),
+        fetched_at=AS_OF + timedelta(hours=1),
+    )
+
+    early = rollup(dsn, AS_OF + timedelta(hours=2))
+    due = rollup(dsn, AS_OF + timedelta(days=1, hours=1))
+
+    assert (early.counts["recomputed"], early.counts["pending"]) == (0, 1)
+    assert (due.counts["recomputed"], due.counts["pending"]) == (1, 0)
+    assert aggregates(pg)["dm_outbound"][0] == Decimal(7)
+
+
+def test_incremental_runs_end_where_a_full_run_does(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    steps = [
+        ("tryst", [row("profile_view", 1), row("tip_amount", 2, currency="USD")], 0),
+        ("x", [row("profile_view", 4), row("tip_amount", 3, currency="EUR")], 1),
+        ("x", [row("tip_amount", 3, currency="USD"), row("dm_inbound", 9)], 30),
+        ("tryst", [row("profile_view", 8, end=AS_OF - timedelta(days=40))], 90),
+    ]
+    t = AS_OF
+    for surface, rows, minutes in steps:
+        t = AS_OF + timedelta(minutes=minutes)
+        load(dsn, tmp_path, surface, *rows, fetched_at=t - timedelta(minutes=1))
+        rollup(dsn, t)
+    incremental = {k: v[:5] for k, v in aggregates(pg).items()}
+
+    with connect(dsn) as db:
+        full = run_rollup(db, as_of=t, rules=RULES, full=True)
+
+    assert full.counts["mode"] == "full"
+    assert {k: v[:5] for k, v in aggregates(pg).items()} == incremental
+    assert full.counts["rows_written"] == 0
+
+
+def test_deleting_a_user_removes_its_aggregates(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 1))
+    load(dsn, tmp_path, "tryst", row("profile_view", 2), user=USER_B)
+    rollup(dsn)
+
+    pg.execute("DELETE FROM users WHERE id = %s", (USER_A,))
+
+    owners = pg.execute("SELECT user_id::text FROM metric_aggregates").fetchall()
+    assert owners == [(USER_B,)]

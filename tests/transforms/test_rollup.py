@@ -319,7 +319,7 @@ def test_plan_recomputes_when_only_the_total_differs() -> None:
     assert result["outcome"].to_list() == ["recomputed"]
 
 
-def test_plan_refreshes_a_due_aggregate_whose_sources_now_mix_currencies() -> None:
+def test_plan_removes_a_stored_aggregate_whose_sources_now_mix_currencies() -> None:
     rows = [
         source("a", "net_revenue", 3, currency="USD"),
         source("b", "net_revenue", 4, currency="EUR"),
@@ -328,8 +328,19 @@ def test_plan_refreshes_a_due_aggregate_whose_sources_now_mix_currencies() -> No
     result = plan(rows, [stored("net_revenue", 3, {"a": 3})])
     nothing = plan(rows, [])
 
-    assert result.select("outcome", "action").rows() == [("refreshed", "touch")]
+    assert result.select("outcome", "action").rows() == [("removed", "delete")]
     assert nothing.is_empty()
+
+
+def test_plan_marks_an_identical_refetch_as_refreshed_and_refetched() -> None:
+    header, parts = stored("dm_inbound", 3, {"a": 3})
+    header["computed_at"] = W1 + timedelta(hours=1)
+
+    again = plan([source("a", "dm_inbound", 3, fetched=2)], [(header, parts)])
+    unchanged = plan([source("a", "dm_inbound", 3, fetched=1)], [(header, parts)])
+
+    assert again.select("outcome", "refetched").rows() == [("refreshed", True)]
+    assert unchanged.select("outcome", "refetched").rows() == [("refreshed", False)]
 
 
 def test_plan_marks_windows_older_than_90_days_final() -> None:
