@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_prom
 
@@ -72,3 +74,23 @@ def test_the_same_text_parses_as_prometheus_text_too() -> None:
 def test_invalid_names_are_refused(name: str, unit: str) -> None:
     with pytest.raises(ValueError, match="metric"):
         Gauge(name, "help", unit)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    reasons=st.dictionaries(
+        st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30),
+        st.integers(min_value=0, max_value=10**12),
+        max_size=8,
+    )
+)
+def test_any_label_value_round_trips_through_both_parsers(reasons: dict[str, int]) -> None:
+    gauge = Gauge("derive_rejections", "per reason")
+    for reason, count in reasons.items():
+        gauge.add(count, reason=reason)
+
+    text = render([gauge])
+
+    for parse in (parse_om, parse_prom):
+        parsed = {s.labels["reason"]: s.value for f in parse(text) for s in f.samples}
+        assert parsed == reasons
