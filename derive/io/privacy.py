@@ -70,6 +70,11 @@ USER: tuple[Selection, ...] = (
     Selection("metric_aggregates", f"t.user_id = {SUBJECT}", "t.metric_kind, t.window_start, t.id"),
     Selection("surface_metrics", f"t.user_id = {SUBJECT}", "t.fetched_at, t.id"),
     Selection(
+        "rollup_pending",
+        f"t.user_id = {SUBJECT}",
+        "t.metric_kind, t.window_start, t.window_end, t.fetched_at",
+    ),
+    Selection(
         "ingestion_session_steps",
         f"t.session_id IN (SELECT s.id FROM ingestion_sessions s WHERE s.user_id = {SUBJECT})",
         "t.session_id, t.ordinal",

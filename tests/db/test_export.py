@@ -186,6 +186,7 @@ def test_a_tenant_role_exports_what_its_row_level_security_shows(
     assert mine["role"] != "service_role"
     assert set(mine["not_readable"]) == {  # type: ignore[arg-type]
         "audience_state_history",
+        "rollup_pending",
         "users",
         "derivation_runs",
     }
