@@ -23,19 +23,33 @@ SYSTEM_CATEGORY = "system"
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([dhms])\s*$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 DURATION_FORMS = "a whole number followed by d, h, m or s, e.g. 120d, 36h, 15m, 90s"
+
+#: The allowed ranges of every duration and timestamp the commands take. Any time minus any
+#: duration (and plus a few days of cadence) stays a time that Python, Arrow and PostgreSQL all
+#: represent, so no window bound can overflow.
+MAX_DURATION = timedelta(days=36500)
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+DURATION_RANGE = "from 1s to 36500d (100 years)"
+TIMESTAMP_RANGE = "from 1900-01-01 to 9000-01-01 (UTC)"
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse ``120d``, ``36h``, ``15m`` or ``90s`` into a positive timedelta.
+    """Parse ``120d``, ``36h``, ``15m`` or ``90s`` into a positive timedelta of at most 100 years.
 
     Raises:
-        UsageError: for anything else, naming the value and the accepted forms.
+        UsageError: for anything else, naming the value and the accepted forms or range.
     """
     match = _DURATION.match(text or "")
     if match is None or int(match.group(1)) <= 0:
         raise UsageError(f"invalid duration {text!r}: use {DURATION_FORMS}")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    count, unit = int(match.group(1)), match.group(2)
+    # Compared as integers first: timedelta() itself overflows on a long enough digit string.
+    if count * _UNIT_SECONDS[unit] > MAX_DURATION.total_seconds():
+        raise UsageError(f"duration {text!r} is out of range: use {DURATION_RANGE}")
+    return timedelta(**{_UNITS[unit]: count})
 
 
 def format_duration(value: timedelta) -> str:
@@ -59,7 +73,14 @@ def parse_timestamp(text: str) -> datetime:
         raise UsageError(
             f"invalid timestamp {text!r}: use ISO-8601, e.g. 2026-11-22T08:00:00Z"
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        in_range = EARLIEST <= value <= LATEST
+    except OverflowError:  # an offset that moves 0001-01-01 or 9999-12-31 out of datetime's range
+        in_range = False
+    if not in_range:
+        raise UsageError(f"timestamp {text!r} is out of range: use a time {TIMESTAMP_RANGE}")
+    return value
 
 
 def utc_now() -> datetime:

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from derive.config import DURATION_FORMS
+from derive.config import DURATION_FORMS, DURATION_RANGE, TIMESTAMP_RANGE
 from derive.rules import canonical_rules_path
 from tests.cli import derive
 
@@ -56,6 +56,68 @@ def test_a_bad_timestamp_exits_2_showing_the_accepted_form(command: str) -> None
     assert result.returncode == 2
     assert "'yesterday'" in plain(result.stderr)
     assert "ISO-8601" in plain(result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+# Every command that takes a duration or a time: out of range is a usage error, never a traceback
+# (these used to overflow Python's datetime while computing the window and exit 1).
+OUT_OF_RANGE = [
+    ("run", "--lookback", "1000000d"),
+    ("run", "--lookback", "100000000000000000000d"),
+    ("run", "--as-of", "0001-01-01"),
+    ("run", "--as-of", "0001-01-01T00:00:00+05:00"),
+    ("watch", "--lookback", "1000000d"),
+    ("watch", "--debounce", "1000000d"),
+    ("attribution", "--window", "1000000d"),
+    ("attribution", "--half-life", "1000000d"),
+    ("attribution", "--since", "0001-01-01"),
+    ("attribution", "--as-of", "0001-01-01"),
+    ("rollup", "--as-of", "0001-01-01"),
+    ("report", "--as-of", "0001-01-01"),
+    ("status", "--max-lag", "1000000d"),
+    ("demo-data", "--as-of", "0001-01-01"),
+    ("prune", "--lookback", "1000000d"),
+    ("schedule", "--lookback", "1000000d"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "value"), OUT_OF_RANGE)
+def test_an_out_of_range_duration_or_time_exits_2_naming_the_allowed_range(
+    command: str, option: str, value: str
+) -> None:
+    dsn = () if command == "schedule" else ("--dsn", BAD_DSN)
+    result = derive(command, option, value, *dsn)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    text = plain(result.stderr)
+    assert f"'{value}'" in text
+    assert (DURATION_RANGE if value.endswith("d") else TIMESTAMP_RANGE) in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("backfill", "--from", "0001-01-01", "--to", "2026-01-01", "--step", "1d", "--out", "x"),
+        (
+            "backfill",
+            "--from",
+            "2026-01-01",
+            "--to",
+            "2026-02-01",
+            "--step",
+            "1000000d",
+            "--out",
+            "x",
+        ),
+        ("report", "--days", "999999999"),
+        ("demo-data", "--days", "999999999"),
+    ],
+)
+def test_out_of_range_backfill_and_report_options_exit_2(args: tuple[str, ...]) -> None:
+    result = derive(*args, "--dsn", BAD_DSN)
+
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from derive.config import (
     DURATION_FORMS,
+    DURATION_RANGE,
+    TIMESTAMP_RANGE,
     Retention,
     format_duration,
     load_rules,
@@ -87,6 +89,56 @@ def test_parse_timestamp_rejects_other_text_with_an_example(text: str) -> None:
 
     assert repr(text) in str(caught.value)
     assert "ISO-8601" in str(caught.value)
+
+
+# -- allowed ranges --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["36500d", "876000h", "52560000m", "3153600000s"])
+def test_durations_up_to_100_years_are_accepted(text: str) -> None:
+    assert parse_duration(text) == timedelta(days=36500)
+
+
+@pytest.mark.parametrize(
+    "text", ["36501d", "876001h", "3153600001s", "1000000d", "100000000000000000000d"]
+)
+def test_a_duration_beyond_100_years_is_out_of_range_naming_the_range(text: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_duration(text)
+
+    assert repr(text) in str(caught.value)
+    assert DURATION_RANGE in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1900-01-01", datetime(1900, 1, 1, tzinfo=UTC)),
+        ("1900-01-01T05:00:00+05:00", datetime(1900, 1, 1, tzinfo=UTC)),
+        ("9000-01-01T00:00:00Z", datetime(9000, 1, 1, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_at_the_ends_of_the_range_are_accepted(text: str, expected: datetime) -> None:
+    assert parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0001-01-01",
+        "0001-01-01T00:00:00+05:00",  # before year 1 in UTC: datetime cannot even compare it
+        "9999-12-31T23:59:59-05:00",  # after year 9999 in UTC
+        "1899-12-31T23:59:59Z",
+        "1900-01-01T04:59:59+05:00",
+        "9000-01-01T00:00:01Z",
+    ],
+)
+def test_a_timestamp_outside_1900_to_9000_is_out_of_range_naming_the_range(text: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_timestamp(text)
+
+    assert repr(text) in str(caught.value)
+    assert TIMESTAMP_RANGE in str(caught.value)
 
 
 # -- rules ---------------------------------------------------------------------------------------------

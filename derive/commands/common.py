@@ -25,7 +25,9 @@ def duration(value: str | None) -> timedelta | None:
         return None
     try:
         return parse_duration(value)
-    except UsageError:
+    except UsageError as exc:
+        if "out of range" in str(exc):
+            raise typer.BadParameter(str(exc)) from None
         raise typer.BadParameter(f"{value!r} is not a duration; use {DURATION_FORMS}") from None
 
 

@@ -25,7 +25,7 @@ def demo_data(
         int, typer.Option("--users", min=1, help="Number of users to generate.")
     ] = 10_000,
     days: Annotated[
-        int, typer.Option("--days", min=1, help="Days of history up to --as-of.")
+        int, typer.Option("--days", min=1, max=36500, help="Days of history up to --as-of.")
     ] = 120,
     seed: Annotated[
         int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")

@@ -44,7 +44,9 @@ def status_cmd(
             metavar="[JOB=]DURATION",
         ),
     ] = None,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="How many recent runs to list.")] = 10,
+    runs: Annotated[
+        int, typer.Option("--runs", min=1, max=100_000, help="How many recent runs to list.")
+    ] = 10,
     output: Annotated[
         StatusFormat,
         typer.Option(
@@ -167,8 +169,12 @@ def report_cmd(
     out_file: Annotated[
         Path, typer.Option("--out", help="Where to write the HTML page.", metavar="FILE")
     ] = Path("report.html"),
-    days: Annotated[int, typer.Option("--days", min=1, help="Days of history to show.")] = 30,
-    top: Annotated[int, typer.Option("--top", min=1, help="Rejected users to list.")] = 20,
+    days: Annotated[
+        int, typer.Option("--days", min=1, max=36500, help="Days of history to show.")
+    ] = 30,
+    top: Annotated[
+        int, typer.Option("--top", min=1, max=100_000, help="Rejected users to list.")
+    ] = 20,
     as_of: AsOfOpt = None,
     dsn: DsnOpt = None,
 ) -> None:
@@ -181,8 +187,9 @@ def report_cmd(
     from derive.io.database import open_db
     from derive.jobs.report import collect_report, write_report
 
+    when = timestamp(as_of)  # a usage error before any connection
     with open_db(dsn) as db:
-        data = collect_report(db, as_of=timestamp(as_of), days=days, top=top)
+        data = collect_report(db, as_of=when, days=days, top=top)
     size = write_report(data, out_file)
     out.print(f"wrote {out_file} ({size:,} bytes)")
 

@@ -193,10 +193,9 @@ def prune_cmd(
     from derive.jobs.prune import run_prune
 
     loaded = rules_from(rules)
+    window = duration(lookback)  # a usage error before any connection
     with open_db(dsn) as db:
-        result = run_prune(
-            db, rules=loaded, lookback=duration(lookback), archive=archive, dry_run=dry_run
-        )
+        result = run_prune(db, rules=loaded, lookback=window, archive=archive, dry_run=dry_run)
     if as_json:
         print_json(result.as_dict())
         return

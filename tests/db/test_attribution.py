@@ -378,3 +378,21 @@ def test_cli_attribution_rejects_a_bad_window(dsn: str) -> None:
     result = CliRunner().invoke(app, ["attribution", "--dsn", dsn, "--window", "30 days"])
 
     assert result.exit_code == 2
+
+
+def test_cli_time_decay_default_half_life_is_7_days(dsn: str, pg: psycopg.Connection) -> None:
+    # The tip's prior touches are 9 d and 2 d old: exactly one 7-day half-life apart, so the newer
+    # one earns exactly twice the older one's credit (2/3 and 1/3); 8 d would give 0.65 / 0.35.
+    ids = journey(pg)
+    base = ["attribution", "--dsn", dsn, "--as-of", AS_OF.isoformat(), "--model", "time_decay"]
+
+    result = CliRunner().invoke(app, [*base, "--format", "json"])
+
+    assert result.exit_code == 0, result.output
+    rows = pg.execute(
+        "SELECT touchpoint_id::text, weight, half_life_days FROM attribution_credits"
+        " WHERE model = 'time_decay' ORDER BY weight"
+    ).fetchall()
+    assert [(t, h) for t, _, h in rows] == [(ids["view"], 7), (ids["dm"], 7)]
+    assert [w for _, w, _ in rows] == pytest.approx([1 / 3, 2 / 3], abs=1e-12)
+    assert json.loads(result.output)["half_life"] == "7d"
