@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from derive.errors import ContractError
+from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
 
 # --------------------------------------------------------------------------------------------------
@@ -58,6 +58,10 @@ class FetchOutput:
     user_id: str | None
     org_id: str | None
     rows: int
+    #: Object fields that held a NUL character (U+0000): ``surface`` and ``health_note`` are then
+    #: kept with U+FFFD in its place, and the object's rows are rejected (PostgreSQL text cannot
+    #: hold U+0000).
+    nul_fields: tuple[str, ...] = ()
 
 
 def _payload_default(value: object) -> object:
@@ -160,10 +164,10 @@ def read_fetch_output(path: str) -> tuple[list[FetchOutput], pl.DataFrame]:
     name = "stdin" if path == "-" else path
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ContractError(
-            f"cannot read {name!r}: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{name} is not UTF-8 text (byte {exc.start})") from None
     stripped = text.strip()
     if not stripped:
         raise ContractError(
@@ -174,11 +178,13 @@ def read_fetch_output(path: str) -> tuple[list[FetchOutput], pl.DataFrame]:
     rows: list[tuple[int, int, Any]] = []
     for index, (where, doc) in enumerate(docs, start=1):
         checked = _check_object(doc, where)
+        nul = tuple(f for f in ("surface", "health_note") if "\x00" in checked[f])
         objects.append(
             FetchOutput(
                 object=index,
-                surface=checked["surface"].strip(),
-                health_note=checked["health_note"],
+                surface=checked["surface"].strip().replace("\x00", "\ufffd"),
+                health_note=checked["health_note"].replace("\x00", "\ufffd"),
+                nul_fields=nul,
                 next_poll_after_ms=int(checked["next_poll_after_ms"]),
                 user_id=_uuid_field(checked, "user_id", where),
                 org_id=_uuid_field(checked, "org_id", where),

@@ -13,6 +13,7 @@ NOT EXISTS instead, under the job's advisory lock, with the constraint as the ba
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,20 +41,22 @@ def _kinds(kinds: Sequence[str]) -> str:
     return ", ".join(f"'{k}'" for k in kinds)
 
 
-def read_lines(path: Path) -> pl.DataFrame:
-    """The lines of a JSON-lines file, numbered from 1.
+def read_lines(path: str) -> pl.DataFrame:
+    """The lines of a JSON-lines file (``-``: stdin), numbered from 1.
 
     Raises:
-        UsageError: the file cannot be read.
+        UsageError: the file cannot be read (missing, a directory, no permission).
         ContractError: the file is not UTF-8 text.
     """
+    name = "stdin" if path == "-" else path
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        text = raw.decode("utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ContractError(
-            f"{path} is not UTF-8 text (byte {exc.start}); touchpoints are JSON lines"
+            f"{name} is not UTF-8 text (byte {exc.start}); touchpoints are JSON lines"
         ) from None
     # Split on newlines only: str.splitlines would also split inside JSON strings that hold a
     # raw U+2028 or form feed, which JSON allows.
@@ -73,7 +76,7 @@ class InsertResult:
     duplicates_in_file: int
     already_stored: int
     salts_created: int
-    rejected: pl.DataFrame  # line_no, reason (rows the database side refused)
+    rejected: pl.DataFrame  # line_no, reason, detail (rows the database side refused)
 
 
 _INGEST_COLUMNS = pl.Schema(
@@ -93,8 +96,10 @@ _INGEST_COLUMNS = pl.Schema(
 )
 
 
-def insert_touchpoints(db: Db, valid: pl.DataFrame) -> InsertResult:
+def insert_touchpoints(db: Db, valid: pl.DataFrame, *, strict: bool = False) -> InsertResult:
     """Insert validated touchpoints that are not stored yet; call inside a transaction.
+
+    ``strict``: insert nothing when the database side refuses any line.
 
     Lines whose user, org or prospect does not exist (or whose prospect belongs to another user)
     are refused with a reason. Users that get their first identifier hash get a fresh random
@@ -108,6 +113,11 @@ def insert_touchpoints(db: Db, valid: pl.DataFrame) -> InsertResult:
         "   WHEN u.id IS NULL THEN 'unknown_user'"
         "   WHEN t.org_id IS NOT NULL AND o.id IS NULL THEN 'unknown_org'"
         "   WHEN t.prospect_id IS NOT NULL AND p.id IS NULL THEN 'unknown_prospect'"
+        # Exactly as stored (jsonb keeps the number's digits; Polars would read it as a float).
+        "   WHEN jsonb_typeof(t.line::jsonb -> 'payload' -> 'amount') = 'number'"
+        "    AND (scale((t.line::jsonb -> 'payload' ->> 'amount')::numeric)"
+        f"         > {AMOUNT_SCALE} OR abs((t.line::jsonb -> 'payload' ->> 'amount')::numeric)"
+        f"         >= 1e{AMOUNT_INTEGER_DIGITS}) THEN 'amount_out_of_range'"
         " END AS reason"
         " FROM derive_touchpoints_in t"
         " LEFT JOIN users u ON u.id = t.user_id::uuid"
@@ -116,9 +126,19 @@ def insert_touchpoints(db: Db, valid: pl.DataFrame) -> InsertResult:
     )
     db.execute("DROP TABLE derive_touchpoints_in")
     rejected = db.fetch_df(
-        "SELECT line_no, reason FROM derive_touchpoints_checked"
-        " WHERE reason IS NOT NULL ORDER BY line_no"
+        "SELECT line_no, reason, CASE reason"
+        "  WHEN 'unknown_user' THEN 'user_id: ''' || user_id || ''' is not a known user'"
+        "  WHEN 'unknown_org' THEN 'org_id: ''' || org_id || ''' is not a known org'"
+        "  WHEN 'unknown_prospect' THEN 'prospect_id: ''' || prospect_id"
+        "    || ''' is not a prospect of user ' || user_id"
+        "  WHEN 'amount_out_of_range' THEN 'payload.amount: '"
+        "    || (line::jsonb -> 'payload' ->> 'amount')"
+        f"    || ' has more than {AMOUNT_SCALE} decimal places or {AMOUNT_INTEGER_DIGITS} integer"
+        " digits; its credits could not sum to it exactly' END AS detail"
+        " FROM derive_touchpoints_checked WHERE reason IS NOT NULL ORDER BY line_no"
     )
+    if strict and rejected.height:
+        db.execute("DELETE FROM derive_touchpoints_checked")
     # 32 random bytes from two v4 uuids: pg_strong_random underneath, and no pgcrypto needed.
     salts = db.fetch_value(
         "WITH s AS (UPDATE users SET attribution_salt ="
@@ -156,7 +176,7 @@ def insert_touchpoints(db: Db, valid: pl.DataFrame) -> InsertResult:
         duplicates_in_file=valid_rows - distinct_keys,
         already_stored=distinct_keys - int(inserted),
         salts_created=int(salts),
-        rejected=rejected.cast({"line_no": pl.Int64, "reason": pl.String}),
+        rejected=rejected.cast({"line_no": pl.Int64, "reason": pl.String, "detail": pl.String}),
     )
 
 

@@ -63,6 +63,33 @@ def _owner(
     return owners
 
 
+def _reject_nul_objects(
+    objects: list[FetchOutput], valid: pl.DataFrame, rejected: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Reject every otherwise valid row of an object whose surface or health_note holds U+0000."""
+    bad = pl.DataFrame(
+        {
+            "object": [o.object for o in objects if o.nul_fields],
+            "detail": [
+                f"{' and '.join(o.nul_fields)} of object {o.object} contains a NUL character"
+                " (\\u0000), which PostgreSQL text cannot store; remove it from the adapter output"
+                for o in objects
+                if o.nul_fields
+            ],
+        },
+        schema={"object": pl.Int32, "detail": pl.String},
+    )
+    if bad.is_empty():
+        return valid, rejected
+    moved = valid.join(bad, on="object").select(
+        "object", "row", reasons=pl.lit(["nul_character"]), detail="detail"
+    )
+    return (
+        valid.join(bad, on="object", how="anti"),
+        pl.concat([rejected, moved.cast(rejected.schema)]).sort("object", "row"),
+    )
+
+
 def _canonical_uuid(value: str | None, flag: str) -> str | None:
     if value is None:
         return None
@@ -137,6 +164,7 @@ def ingest_metrics(
         raw.lazy(), kinds=rules.kind_names, monetary_kinds=rules.monetary_kinds
     )
     valid, rejected = pl.collect_all([valid_lf, rejected_lf])
+    valid, rejected = _reject_nul_objects(objects, valid, rejected)
     strict_rejected = strict and rejected.height > 0
     to_insert = valid.clear() if strict_rejected else valid
     rows = to_insert.join(owners, on="object", how="left").select(

@@ -9,7 +9,6 @@ The run holds the job's advisory lock and is logged in ``derivation_runs``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -34,8 +33,14 @@ class IngestReport:
     duplicates_in_file: int
     already_stored: int
     salts_created: int
-    rejected: pl.DataFrame  # line_no, reason
+    rejected: pl.DataFrame  # line_no, reason, detail (the field and its value)
+    strict_rejected: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        """Lines that were valid (stored now, stored before, or repeated in the file)."""
+        return self.lines - self.rejected.height
 
     def rejected_by_reason(self) -> dict[str, int]:
         """How many lines were refused for each reason."""
@@ -54,12 +59,14 @@ class IngestReport:
             "salts_created": self.salts_created,
             "rejected": self.rejected_by_reason(),
             "rejected_lines": self.rejected.to_dicts(),
+            "strict_rejected": self.strict_rejected,
             "timings": self.timings,
         }
 
 
-def ingest_touchpoints(db: Db, path: Path) -> IngestReport:
-    """Ingest the touchpoints of ``path`` (JSON lines); a second ingest of a file inserts nothing.
+def ingest_touchpoints(db: Db, path: str, *, strict: bool = False) -> IngestReport:
+    """Ingest the touchpoints of ``path`` (JSON lines, ``-``: stdin); a second ingest inserts
+    nothing. ``strict``: insert nothing when any line is refused.
 
     Raises:
         UsageError: the file cannot be read.
@@ -68,28 +75,34 @@ def ingest_touchpoints(db: Db, path: Path) -> IngestReport:
         SourceError: the database refused the transaction (nothing is kept).
     """
     lines = read_lines(path)
-    with job_run(db, job=JOB, as_of=utc_now(), args={"file": str(path)}) as run:
+    with job_run(db, job=JOB, as_of=utc_now(), args={"file": path}) as run:
         with run.phase("parse"):
             parsed = parse_touchpoint_lines(lines.lazy()).collect()
             valid = parsed.filter(pl.col("reason").is_null())
-            invalid = parsed.filter(pl.col("reason").is_not_null()).select("line_no", "reason")
+            invalid = parsed.filter(pl.col("reason").is_not_null()).select(
+                "line_no", "reason", "detail"
+            )
         with run.phase("persist"), db.transaction(role="service_role"):
-            stored = insert_touchpoints(db, valid)
+            stored = insert_touchpoints(
+                db, valid.clear() if strict and invalid.height else valid, strict=strict
+            )
         rejected = pl.concat([invalid, stored.rejected]).sort("line_no")
+        strict_rejected = strict and rejected.height > 0
         report = IngestReport(
             run_id=run.run_id,
-            file=str(path),
+            file="stdin" if path == "-" else path,
             lines=parsed.height,
             inserted=stored.inserted,
             duplicates_in_file=stored.duplicates_in_file,
             already_stored=stored.already_stored,
             salts_created=stored.salts_created,
             rejected=rejected,
+            strict_rejected=strict_rejected,
         )
         run.counts = {
             k: v
             for k, v in report.as_dict().items()
-            if k not in ("rejected_lines", "timings", "run_id")
+            if k not in ("rejected_lines", "timings", "run_id", "strict_rejected")
         }
         report.timings = run.timings
     return report

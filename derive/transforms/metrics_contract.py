@@ -85,8 +85,13 @@ REASONS: tuple[str, ...] = (
     "no_value",
     "bad_currency",
     "missing_currency",
+    "nul_character",
     "duplicate_row",
 )
+
+#: A JSON text's escaped NUL (``\u0000`` after an even number of backslashes): PostgreSQL's jsonb
+#: and text cannot hold U+0000.
+_JSON_NUL = r"(?:^|[^\\])(?:\\\\)*\\u0000"
 
 #: numeric(18,4) holds magnitudes below 10^14.
 MAX_ABS_VALUE = 1e14
@@ -406,6 +411,21 @@ def validate_metric_rows(
             & pl.col("metric_kind").is_in(list(monetary_kinds)).fill_null(False)
             & ~_given("currency"),
             pl.format("metric_kind {} is monetary and needs a currency", pl.col("metric_kind")),
+        ),
+        (
+            "nul_character",
+            obj
+            & (
+                pl.col("value_text").str.contains("\x00", literal=True).fill_null(False)
+                | pl.col("payload_jsonb").str.contains(_JSON_NUL).fill_null(False)
+            ),
+            pl.format(
+                "{} contains a NUL character (\\u0000), which PostgreSQL text and jsonb"
+                " cannot store; remove it from the adapter output",
+                pl.when(pl.col("value_text").str.contains("\x00", literal=True).fill_null(False))
+                .then(pl.lit("value_text"))
+                .otherwise(pl.lit("payload_jsonb")),
+            ),
         ),
     ]
     checked = raw.with_columns(

@@ -83,6 +83,7 @@ PARSED = pl.Schema(
         "ingestion_source": pl.String(),
         "line": pl.String(),
         "reason": pl.String(),
+        "detail": pl.String(),
     }
 )
 
@@ -99,6 +100,10 @@ def _field(name: str) -> pl.Expr:
 def _blank_to_null(expr: pl.Expr) -> pl.Expr:
     """Null for an all-blank value; anything else verbatim (the hash covers the exact text)."""
     return pl.when(expr.str.strip_chars() == "").then(None).otherwise(expr)
+
+
+def _quoted(name: str) -> pl.Expr:
+    return pl.format("'{}'", pl.col(name).fill_null(""))
 
 
 def parse_touchpoint_lines(lines: pl.LazyFrame, /) -> pl.LazyFrame:
@@ -137,33 +142,82 @@ def parse_touchpoint_lines(lines: pl.LazyFrame, /) -> pl.LazyFrame:
             _payload_ok=pl.col("_payload").is_null() | pl.col("_payload").str.starts_with("{"),
         )
     )
-    checks: list[tuple[str, pl.Expr]] = [
-        ("malformed_json", pl.col("_root").is_null()),
+    kinds = ", ".join(TOUCHPOINT_KINDS)
+    # (reason, failed, detail naming the field and the value)
+    checks: list[tuple[str, pl.Expr, pl.Expr]] = [
+        ("malformed_json", pl.col("_root").is_null(), pl.lit("the line is not valid JSON")),
         # jsonb cannot hold U+0000; the line goes to PostgreSQL as jsonb (see derive.io).
-        ("unsupported_escape", pl.col("line").str.contains(r"\u0000", literal=True)),
-        ("not_an_object", ~pl.col("_root").str.starts_with("{")),
-        ("missing_user_id", pl.col("user_id").is_null()),
-        ("bad_user_id", ~pl.col("user_id").str.contains(_UUID)),
-        ("bad_org_id", pl.col("org_id").is_not_null() & ~pl.col("org_id").str.contains(_UUID)),
-        ("missing_surface", pl.col("surface").is_null()),
-        ("missing_touchpoint", pl.col("touchpoint").is_null()),
-        ("unknown_kind", ~pl.col("touchpoint").is_in(TOUCHPOINT_KINDS)),
-        ("missing_external_id", pl.col("external_id").is_null()),
-        ("missing_occurred_at", pl.col("_occurred_at").is_null()),
-        ("bad_timestamp", pl.col("occurred_at").is_null()),
+        (
+            "unsupported_escape",
+            pl.col("line").str.contains(r"\u0000", literal=True),
+            pl.lit("the line contains a NUL character (\\u0000), which PostgreSQL cannot store"),
+        ),
+        (
+            "not_an_object",
+            ~pl.col("_root").str.starts_with("{"),
+            pl.format("the line is {}, not a JSON object", pl.col("_root")),
+        ),
+        ("missing_user_id", pl.col("user_id").is_null(), pl.lit("user_id: missing")),
+        (
+            "bad_user_id",
+            ~pl.col("user_id").str.contains(_UUID),
+            pl.format("user_id: {} is not a UUID", _quoted("user_id")),
+        ),
+        (
+            "bad_org_id",
+            pl.col("org_id").is_not_null() & ~pl.col("org_id").str.contains(_UUID),
+            pl.format("org_id: {} is not a UUID", _quoted("org_id")),
+        ),
+        ("missing_surface", pl.col("surface").is_null(), pl.lit("surface: missing")),
+        ("missing_touchpoint", pl.col("touchpoint").is_null(), pl.lit("touchpoint: missing")),
+        (
+            "unknown_kind",
+            ~pl.col("touchpoint").is_in(TOUCHPOINT_KINDS),
+            pl.format("touchpoint: {} is not one of " + kinds, _quoted("touchpoint")),
+        ),
+        ("missing_external_id", pl.col("external_id").is_null(), pl.lit("external_id: missing")),
+        ("missing_occurred_at", pl.col("_occurred_at").is_null(), pl.lit("occurred_at: missing")),
+        (
+            "bad_timestamp",
+            pl.col("occurred_at").is_null(),
+            pl.format(
+                "occurred_at: {} is not an ISO-8601 time with a zone (e.g. 2026-11-02T10:15:00Z)",
+                _quoted("_occurred_at"),
+            ),
+        ),
         (
             "bad_prospect_id",
             pl.col("prospect_id").is_not_null() & ~pl.col("prospect_id").str.contains(_UUID),
+            pl.format("prospect_id: {} is not a UUID", _quoted("prospect_id")),
         ),
-        ("payload_not_object", ~pl.col("_payload_ok")),
-        ("bad_amount", pl.col("_amount").is_not_null() & ~pl.col("_amount").str.contains(_NUMBER)),
-        ("unknown_ingestion_source", ~pl.col("ingestion_source").is_in(INGESTION_SOURCES)),
+        (
+            "payload_not_object",
+            ~pl.col("_payload_ok"),
+            pl.format("payload: {} is not a JSON object", pl.col("_payload")),
+        ),
+        (
+            "bad_amount",
+            pl.col("_amount").is_not_null() & ~pl.col("_amount").str.contains(_NUMBER),
+            pl.format("payload.amount: {} is not a number", _quoted("_amount")),
+        ),
+        (
+            "unknown_ingestion_source",
+            ~pl.col("ingestion_source").is_in(INGESTION_SOURCES),
+            pl.format(
+                "ingestion_source: {} is not one of " + ", ".join(INGESTION_SOURCES),
+                _quoted("ingestion_source"),
+            ),
+        ),
     ]
     reason: pl.Expr = pl.lit(None, dtype=pl.String)
-    for name, failed in reversed(checks):
-        reason = pl.when(failed.fill_null(False)).then(pl.lit(name)).otherwise(reason)
+    detail: pl.Expr = pl.lit(None, dtype=pl.String)
+    for name, failed, message in reversed(checks):
+        hit = failed.fill_null(False)
+        reason = pl.when(hit).then(pl.lit(name)).otherwise(reason)
+        detail = pl.when(hit).then(message).otherwise(detail)
     return fields.with_columns(
         reason=reason,
+        detail=detail,
         user_id=pl.col("user_id").str.to_lowercase(),
         org_id=pl.col("org_id").str.to_lowercase(),
         prospect_id=pl.col("prospect_id").str.to_lowercase(),

@@ -311,3 +311,42 @@ def test_authenticated_cannot_write_sessions(dsn: str, pg: psycopg.Connection) -
         pg.execute("SET LOCAL ROLE authenticated")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             pg.execute("DELETE FROM ingestion_sessions")
+
+
+@pytest.mark.parametrize(
+    ("bad_object", "field"),
+    [
+        (output(row(value_text="Boost\u0000ed"), surface="x"), "value_text"),
+        (output(row(payload_jsonb={"raw": "a\u0000b"}), surface="x"), "payload_jsonb"),
+        (output(row(), surface="x\u0000"), "surface"),
+        (output(row(), surface="x", note="rate\u0000limited"), "health_note"),
+    ],
+)
+def test_a_nul_character_rejects_its_row_and_the_valid_objects_still_land(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path, bad_object: dict[str, Any], field: str
+) -> None:
+    path = write(tmp_path, output(row()), bad_object)
+
+    result = ingest(dsn, path)
+
+    assert result.inserted == 1
+    assert [(r["object"], r["reasons"]) for r in result.rejected.to_dicts()] == [
+        (2, ["nul_character"])
+    ]
+    assert field in result.rejected["detail"][0]
+    assert "NUL" in result.rejected["detail"][0]
+    assert pg.execute("SELECT surface FROM surface_metrics").fetchall() == [("tryst",)]
+    sessions = pg.execute(
+        "SELECT status, rows_rejected FROM ingestion_sessions ORDER BY surface"
+    ).fetchall()
+    assert sorted(sessions) == [("rejected", 1), ("succeeded", 0)]
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    path = write(tmp_path, output(row(payload_jsonb={"raw": "C:\\u0000"})))
+
+    result = ingest(dsn, path)
+
+    assert (result.inserted, result.rows_rejected) == (1, 0)
