@@ -46,15 +46,17 @@ class Selection:
     exported_as: dict[str, str] = field(default_factory=dict)
 
 
-_PROSPECT_TOUCHPOINT = f"""(t.prospect_id = {SUBJECT}
-     OR (t.identifier_hash IS NOT NULL AND EXISTS (
-           SELECT 1 FROM prospect_touchpoints p
-            WHERE p.prospect_id = {SUBJECT}
-              AND p.user_id = t.user_id
-              AND p.identifier_hash = t.identifier_hash)))"""
 # A prospect's touchpoints are the ones naming it and, within the same tenant (the hash is salted
-# per tenant), the anonymous ones carrying the same identifier hash: the same person.
-_PROSPECT_TOUCHPOINTS = f"SELECT t.id FROM prospect_touchpoints t WHERE {_PROSPECT_TOUCHPOINT}"
+# per tenant), the anonymous ones carrying the same identifier hash: the same person. Written as
+# an id list so both halves are index scans (by prospect, by (user_id, identifier_hash)).
+_PROSPECT_TOUCHPOINT = f"""t.id IN (
+       SELECT p.id FROM prospect_touchpoints p WHERE p.prospect_id = {SUBJECT}
+       UNION
+       SELECT a.id
+         FROM prospect_touchpoints p
+         JOIN prospect_touchpoints a
+           ON a.user_id = p.user_id AND a.identifier_hash = p.identifier_hash
+        WHERE p.prospect_id = {SUBJECT} AND p.identifier_hash IS NOT NULL)"""
 
 #: Rows about a user id, in erase order (children first; audience_state first for the guard).
 USER: tuple[Selection, ...] = (
@@ -96,10 +98,11 @@ USER: tuple[Selection, ...] = (
 
 #: Rows about one prospect of a tenant, in erase order.
 PROSPECT: tuple[Selection, ...] = (
+    # Credits carry their conversion's prospect; only touchpoints of the same (user, prospect)
+    # earn credit, so that is every credit about the prospect.
     Selection(
         "attribution_credits",
-        f"(t.prospect_id = {SUBJECT} OR t.conversion_id IN ({_PROSPECT_TOUCHPOINTS})"
-        f" OR t.touchpoint_id IN ({_PROSPECT_TOUCHPOINTS}))",
+        f"t.prospect_id = {SUBJECT}",
         "t.computed_at, t.conversion_id, t.model, t.touchpoint_id",
     ),
     Selection("prospect_touchpoints", _PROSPECT_TOUCHPOINT, "t.occurred_at, t.id"),
