@@ -11,10 +11,13 @@ from datetime import datetime
 import polars as pl
 
 from derive.io.connect import Db
+from derive.io.jsonsql import array_length_at
 
 # A run "covers every user" unless it was given a user list (``derive run --user``); only such
 # runs count as a job's last success (a subset run cannot stand in for the scheduled one).
-_FULL_SCOPE = "coalesce(jsonb_array_length(r.args -> 'users'), 0) = 0"
+# Run rows can be written by any service_role client: ``args.users`` that is not an array
+# reads as no list (a full run) instead of failing the query.
+_FULL_SCOPE = f"coalesce({array_length_at('r.args', 'users')}, 0) = 0"
 
 _JOB_SUMMARY = f"""
 SELECT j.job,

@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 
 import pyarrow as pa
 
+from derive.config import MAX_DURATION
 from derive.io.connect import Db
+from derive.io.jsonsql import array_length_at
 from derive.io.privacy import portable_columns
 
 # Conversions keep what attribution reads (amount, currency); everything else of the raw
@@ -158,9 +160,12 @@ def lookback_facts(db: Db, *, job: str) -> tuple[datetime, timedelta | None, dat
         now, longest, base = db.fetch_all(
             "SELECT clock_timestamp(),"
             " (SELECT extract(epoch FROM max(r.lookback))::float8 FROM derivation_runs r"
-            "   WHERE r.job = $1 AND r.lookback IS NOT NULL),"
+            # A lookback derive cannot have run with (over 100 years: a forged run row) is
+            # ignored, so it can neither overflow the cutoff nor stop the prune.
+            "   WHERE r.job = $1 AND r.lookback IS NOT NULL"
+            f"   AND r.lookback <= interval '{MAX_DURATION.days} days'),"
             " (SELECT r.as_of FROM derivation_runs r WHERE r.job = $1 AND r.status = 'succeeded'"
-            "   AND coalesce(jsonb_array_length(r.args -> 'users'), 0) = 0"
+            f"   AND coalesce({array_length_at('r.args', 'users')}, 0) = 0"
             "   ORDER BY r.finished_at DESC LIMIT 1)",
             (job,),
         )[0]

@@ -336,7 +336,11 @@ def _last_derive_counts(report: StatusReport) -> Iterable[Gauge]:
     row = report.job(JOB)
     counts: dict[str, Any] = {}
     if row is not None and row["last_status"] == "succeeded" and row["last_counts"]:
-        counts = json.loads(row["last_counts"])
+        try:  # a run row anyone with service_role wrote: any JSON, nested arbitrarily deep
+            parsed = json.loads(row["last_counts"])
+        except (ValueError, RecursionError):
+            parsed = None
+        counts = parsed if isinstance(parsed, dict) else {}
     for key, suffix in LAST_RUN_COUNTS.items():
         value = counts.get(key)
         yield Gauge(

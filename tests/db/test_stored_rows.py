@@ -19,8 +19,9 @@ from derive.config import load_rules
 from derive.io import read
 from derive.io.connect import connect
 from derive.jobs.adopt import adopt
+from derive.jobs.prune import run_prune
 from derive.jobs.report import collect_report
-from derive.jobs.status import collect_status
+from derive.jobs.status import collect_status, openmetrics
 from derive.transforms.validate import classify_events
 from tests.db.helpers import (
     AS_OF,
@@ -233,6 +234,48 @@ def test_status_and_report_read_past_a_run_row_with_malformed_counts_or_args(
     assert newest["users_changed"] is None or isinstance(newest["users_changed"], int)
     assert status.runs.height == 2
     assert data.runs.height >= 1
+    assert "derive_healthy" in openmetrics(status)
+    with connect(dsn) as db:
+        pruned = run_prune(db, rules=load_rules(), dry_run=True)
+    assert pruned.dry_run
+
+
+def test_a_forged_run_row_with_a_huge_lookback_does_not_stop_the_prune(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        pg.execute(
+            "INSERT INTO derivation_runs (job, as_of, lookback, status, finished_at)"
+            " VALUES ('derive', now(), interval '100000 years', 'succeeded', clock_timestamp())"
+        )
+
+    with connect(dsn) as db:
+        pruned = run_prune(db, rules=load_rules(), dry_run=True)
+
+    assert pruned.lookback == timedelta(days=120)  # the default window, not 100000 years
+
+
+@pytest.mark.parametrize(
+    "counts",
+    ["[1, 2]", '"text"', "5", "[" * 5000 + "]" * 5000],  # Python's json stops at ~1000 levels
+    ids=["array", "string", "number", "nested-5000"],
+)
+def test_openmetrics_reads_past_last_counts_that_are_not_an_object(
+    dsn: str, pg: psycopg.Connection, counts: str
+) -> None:
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        pg.execute(
+            "INSERT INTO derivation_runs (job, as_of, status, finished_at, counts)"
+            " VALUES ('derive', now(), 'succeeded', clock_timestamp(), %s::jsonb)",
+            (counts,),
+        )
+
+    with connect(dsn) as db:
+        text = openmetrics(collect_status(db, max_lag=timedelta(days=1)))
+
+    assert "derive_healthy 1" in text
 
 
 # -- metadata numbers and booleans, as read from real rows (SPEC §2.2) --------------------------------
