@@ -17,8 +17,9 @@ The figures:
     (:mod:`benchmarks.incremental`);
 (g) the same with nothing new.
 
-Besides: the write path of (c) against a plain COPY of the same rows (:mod:`benchmarks.writepath`)
-and the watermark's cost to the application's inserts (:mod:`benchmarks.ingest`).
+Besides: the write path of a first run on a dirty dataset (so that users are rejected) against a
+plain COPY of the same rows (:mod:`benchmarks.writepath`) and the watermark's cost to the
+application's inserts (:mod:`benchmarks.ingest`).
 
 The job runs as a subprocess: its wall time is what a cron user waits for, ``os.wait4`` gives its
 peak RSS, and its ``derivation_runs`` row (or its ``--json`` output for a dry run) gives phase
@@ -69,6 +70,8 @@ BASELINE_SAMPLE = 1_000
 OTHER_JOBS = ("bench_rollup", "bench_attribution")
 #: Scales at which the watermark's insert overhead is measured (each needs two database copies).
 INGEST_SCALES = ("S", "M")
+#: Scales at which the write path is measured (on a dataset of its own, generated dirty).
+WRITE_SCALES = ("S", "M")
 #: Single-row insert transactions and COPY rows of the insert-overhead figures.
 INGEST_TRANSACTIONS = 4_000
 INGEST_COPY_ROWS = 100_000
@@ -170,10 +173,12 @@ class ScaleResult:
     figures: dict[str, Figure] = field(default_factory=dict)
     agreement: Agreement | None = None
     others: list[dict[str, Any]] = field(default_factory=list)
-    #: Bulk writes of the first run (c) against a plain COPY of the same rows.
+    #: Bulk writes of a first run on the dirty dataset against a plain COPY of the same rows.
     writes: list[writepath.WriteFigure] = field(default_factory=list)
-    #: (rows, seconds) of (c)'s staging COPY into temp tables (``write_copy``), when recorded.
+    #: (rows, seconds) of that run's staging COPY into temp tables (``write_copy``), if recorded.
     write_staging: tuple[int, float] | None = None
+    #: That run's counts.
+    write_counts: dict[str, Any] = field(default_factory=dict)
     #: The watermark's cost to the application's inserts (None when not measured at this scale).
     inserts: ingest.IngestResult | None = None
     #: Users and events appended before (f).
@@ -247,9 +252,15 @@ def migrate_database(dsn: str) -> None:
 
 
 def load_dataset(
-    dsn: str, *, users: int, seed: int = SEED, as_of: datetime = AS_OF
+    dsn: str,
+    *,
+    users: int,
+    seed: int = SEED,
+    as_of: datetime = AS_OF,
+    dirty: bool = False,
+    bursts: bool = False,
 ) -> dict[str, Any]:
-    """Fill ``dsn`` with the project's generator: clean data, no near-duplicate bursts."""
+    """Fill ``dsn`` with the project's generator (by default clean, no near-duplicate bursts)."""
     try:
         from derive.jobs.demo import load_demo_data
     except ImportError as exc:
@@ -258,7 +269,7 @@ def load_dataset(
         ) from exc
     with connect(dsn) as db:
         summary = load_demo_data(
-            db, users=users, as_of=as_of, seed=seed, dirty=False, bursts=False, rules=load_rules()
+            db, users=users, as_of=as_of, seed=seed, dirty=dirty, bursts=bursts, rules=load_rules()
         )
         db.commit()
     return dict(summary)
@@ -717,22 +728,38 @@ def measure_ticks(server: str, result: ScaleResult, names: Names, *, repeat: int
 
 
 def measure_writes(
-    server: str,
-    exports: list[writepath.Export],
-    result: ScaleResult,
-    names: Names,
-    *,
-    repeat: int,
+    server: str, result: ScaleResult, names: Names, *, repeat: int, scratch: Path
 ) -> None:
-    """The write-path table: (c)'s bulk writes against a plain COPY into a fresh loaded copy."""
-    first = result.figures["c"]
-    timings = first.phases[-1] if first.phases else {}
-    fresh_name = names.scratch("writefloor")
-    fresh = recreate_database(server, fresh_name, template=names.loaded)
+    """The write-path table: a first run on the dirty dataset against a plain COPY of its rows.
+
+    The dirty dataset (invalid rows, near-duplicate bursts) makes the job reject users, so all
+    three bulk writes have rows. Each first run starts from a fresh copy of it, as (c) does.
+    """
+    loaded_name, run_name, fresh_name = (
+        names.scratch(p) for p in ("dirty_loaded", "dirty", "writefloor")
+    )
     try:
+        loaded = recreate_database(server, loaded_name)
+        migrate_database(loaded)
+        log(f"{result.scale}: generating the dirty dataset for the write path")
+        load_dataset(loaded, users=result.users, dirty=True, bursts=True)
+        analyze(loaded)
+        first = Figure("write")
+        for i in range(repeat):
+            dsn = recreate_database(server, run_name, template=loaded_name)
+            run = run_derive(dsn)
+            _add(first, run)
+            log(f"{result.scale}: write path, first run {i + 1}/{repeat}: {run.seconds:.2f} s")
+        if run.run_id is None:
+            raise BenchError("the write path's first run recorded no run row")
+        exports = writepath.export(dsn, run.run_id, scratch)
+        timings = first.phase_medians()  # every repeat writes the same rows: median seconds
+        fresh = recreate_database(server, fresh_name, template=loaded_name)
         result.writes = writepath.measure(fresh, exports, timings, repeat=repeat)
+        result.write_counts = first.counts
     finally:
-        drop_database(server, fresh_name)
+        for name in (fresh_name, run_name, loaded_name):
+            drop_database(server, name)
     if "write_copy" in timings:
         result.write_staging = (sum(e.rows for e in exports), timings["write_copy"])
     for figure in result.writes:
@@ -809,7 +836,6 @@ def measure_scale(
             )
         first.note = _counts_note(run.counts)
         result.figures["c"] = first
-        exports = writepath.export(work, run.run_id, scratch) if run.run_id else []
         if baseline:
             result.agreement = compare_states(baseline, derive_states(work))
         # (d) and (e) meet the database as a cron run 15 minutes later would: vacuumed and
@@ -830,8 +856,8 @@ def measure_scale(
             result.figures[case] = figure
 
         measure_ticks(server, result, names, repeat=repeat)
-        if exports:
-            measure_writes(server, exports, result, names, repeat=repeat)
+        if scale in WRITE_SCALES:
+            measure_writes(server, result, names, repeat=repeat, scratch=scratch)
         if scale in INGEST_SCALES:
             measure_inserts(server, result, names, repeat=repeat, scratch=scratch)
 

@@ -543,3 +543,31 @@ def test_readme_renders_the_new_sections() -> None:
         " | column ingest_xid |" in text
     )
     assert "## Incremental runs: (f) and (g)" in text
+
+
+def test_write_path_runs_on_a_dirty_dataset_of_its_own_and_drops_it(
+    dsn: str, tmp_path: Path
+) -> None:
+    # Arrange: the test database only lends its name to the scratch copies
+    server = dsn.rsplit("/", 1)[0] + "/postgres"
+    result = ScaleResult(scale="S", users=300)
+
+    # Act
+    harness.measure_writes(
+        server, result, harness.Names(_database(dsn)), repeat=1, scratch=tmp_path
+    )
+
+    # Assert: all three writes have rows, counted as the run counted them
+    by_step = {f.step: f for f in result.writes}
+    counts = result.write_counts
+    assert by_step["audit rows"].rows == counts["audit_rows"] > 0
+    assert by_step["validation_fail rows"].rows == counts["rejections_logged"] > 0
+    assert by_step["states"].rows == counts["users_changed"] > 0
+    assert all(len(f.indexed_seconds) == len(f.bare_seconds) == 1 for f in result.writes)
+    assert result.write_staging is not None
+    assert result.write_staging[0] == sum(f.rows for f in result.writes)
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (_database(dsn) + "_%",)
+        ).fetchall()
+    assert left == []
