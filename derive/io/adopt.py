@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from derive.io.connect import Db
 from derive.io.jsonsql import uuid_or_null
+from derive.io.runlog import Run
 
 _ADOPT = f"""
 WITH orphans AS (
@@ -42,8 +43,15 @@ SELECT count(*) FROM pointed
 """
 
 
-def adopt_states(db: Db, *, run_id: str, as_of: str, derived_by: str) -> int:
-    """Write one ``state_adopted`` row per state without a consistent audit trail; return how many."""
+def adopt_states(db: Db, *, run: Run, as_of: str, derived_by: str) -> int:
+    """Write one ``state_adopted`` row per state without a consistent audit trail; return how many.
+
+    The run is finished inside the same transaction, so the adoption and its run row commit together.
+    """
     with db.transaction(role="service_role"):
-        db.set_local(run_id=run_id, as_of=as_of, derived_by=derived_by)
-        return int(db.fetch_value(_ADOPT))
+        run.mark(db)
+        db.set_local(as_of=as_of, derived_by=derived_by)
+        adopted = int(db.fetch_value(_ADOPT))
+        run.counts["states_adopted"] = adopted
+        run.finish_in(db)
+    return adopted

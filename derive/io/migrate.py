@@ -111,7 +111,18 @@ def migrate(db: Db) -> list[str]:
 def _protect_migration_table(db: Db) -> None:
     with db.transaction():
         db.execute("ALTER TABLE derive_migrations ENABLE ROW LEVEL SECURITY")
+        db.execute("ALTER TABLE derive_migrations FORCE ROW LEVEL SECURITY")
         db.execute("REVOKE ALL ON derive_migrations FROM PUBLIC")
+        # FORCE applies to the owner too: the migrating role keeps full access, and whoever is
+        # granted SELECT may read the recorded versions.
+        db.execute("DROP POLICY IF EXISTS derive_owner_all ON derive_migrations")
+        owner = db.fetch_value("SELECT quote_ident(current_user)")
+        db.execute(
+            f"CREATE POLICY derive_owner_all ON derive_migrations FOR ALL TO {owner}"
+            " USING (true) WITH CHECK (true)"
+        )
+        db.execute("DROP POLICY IF EXISTS derive_read ON derive_migrations")
+        db.execute("CREATE POLICY derive_read ON derive_migrations FOR SELECT USING (true)")
 
 
 def ensure_migrated(db: Db) -> None:

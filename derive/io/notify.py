@@ -1,36 +1,39 @@
-"""LISTEN for the user ids announced by the insert trigger on audience_events (migration 0005).
+"""LISTEN for the wake-ups of the insert trigger on audience_events (migrations 0005, 0007).
 
-ADBC has no LISTEN support, so the listening side is a psycopg connection in autocommit mode. The
-trigger sends the distinct user ids of each INSERT statement, comma-separated, in chunks that
-fit the 8000-byte payload limit; :meth:`Listener.wait` returns them as a set.
+ADBC has no LISTEN support, so the listening side is a psycopg connection in autocommit mode.
+Notifications are untrusted (any role may NOTIFY any channel, with any payload): they only wake
+the watcher, and :meth:`Listener.wait` reports how many arrived and how many carried a payload the
+trigger never sends, without reading them further.
 
 Connection loss (a server restart, a dropped socket) surfaces as :class:`ListenerLost`, a
-:class:`~derive.errors.SourceError`, so the watcher can reconnect and catch up.
+:class:`~derive.errors.SourceError`, so the watcher can reconnect.
 """
 
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime
+import time
+import uuid
+from dataclasses import dataclass
 
 import psycopg
 
 from derive.errors import SourceError
-from derive.io.connect import Db, describe_dsn, driver_message
+from derive.io.connect import describe_dsn, driver_message
 
 CHANNEL = "derive_audience_events"
-
-_USERS_SINCE = """
-SELECT DISTINCT e.user_id::text
-  FROM audience_events e
- WHERE e.created_at >= $1
-   AND e.user_id IS NOT NULL
-   AND e.event_category <> 'system'
-"""
 
 
 class ListenerLost(SourceError):
     """The listening connection is gone (or could not be opened)."""
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Notifications received by one :meth:`Listener.wait`."""
+
+    notifications: int = 0
+    foreign: int = 0  # with a payload the trigger never sends (counted, ignored)
 
 
 class Listener:
@@ -39,46 +42,55 @@ class Listener:
     def __init__(self, dsn: str, *, connect_timeout: int = 5) -> None:
         self.label = describe_dsn(dsn)
         try:
-            self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout)
+            self._conn = psycopg.connect(
+                dsn, autocommit=True, connect_timeout=connect_timeout, application_name="derive"
+            )
             self._conn.execute(f"LISTEN {CHANNEL}")
         except psycopg.Error as exc:
             raise ListenerLost(
                 f"cannot listen on PostgreSQL at {self.label}: {driver_message(exc)}"
             ) from None
 
-    def server_now(self) -> datetime:
-        """The server's clock; a round trip that also proves the connection is alive."""
+    def delivers(self, timeout: float = 2.0) -> bool:
+        """Whether a notification sent on this connection comes back: ``False`` behind a
+        transaction-mode pooler, where LISTEN does not survive the statement."""
+        probe = f"derive-probe-{uuid.uuid4()}"
         try:
-            row = self._conn.execute("SELECT clock_timestamp()").fetchone()
+            self._conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                for note in self._conn.notifies(timeout=left, stop_after=1):
+                    if note.payload == probe:
+                        return True
         except psycopg.Error as exc:
             raise ListenerLost(f"lost PostgreSQL at {self.label}: {driver_message(exc)}") from None
-        assert row is not None
-        value: datetime = row[0]
-        return value
+        return False
 
-    def wait(self, timeout: float) -> set[str]:
-        """User ids notified within ``timeout`` seconds (returns early once one arrives).
+    def ping(self) -> None:
+        """A round trip that proves the connection is alive."""
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise ListenerLost(f"lost PostgreSQL at {self.label}: {driver_message(exc)}") from None
 
-        Notifications already buffered are drained too, so a burst arrives as one set.
+    def wait(self, timeout: float) -> Wake:
+        """Notifications within ``timeout`` seconds (returns early once one arrives).
+
+        Everything already buffered is drained too, so a flood costs one wake, not one per message.
         """
-        users: set[str] = set()
+        count = foreign = 0
         try:
             for note in self._conn.notifies(timeout=timeout, stop_after=1):
-                users.update(u for u in note.payload.split(",") if u)
+                count += 1
+                foreign += note.payload != ""
             for note in self._conn.notifies(timeout=0.0):
-                users.update(u for u in note.payload.split(",") if u)
+                count += 1
+                foreign += note.payload != ""
         except psycopg.Error as exc:
             raise ListenerLost(f"lost PostgreSQL at {self.label}: {driver_message(exc)}") from None
-        return users
+        return Wake(count, foreign)
 
     def close(self) -> None:
         """Close the connection (quietly when it is already broken)."""
         with contextlib.suppress(psycopg.Error):
             self._conn.close()
-
-
-def users_with_events_since(db: Db, since: datetime) -> set[str]:
-    """Users (non-system events) whose events were stamped at or after ``since``: the catch-up set."""
-    with db.transaction(role="service_role"):
-        rows = db.fetch_all(_USERS_SINCE, (since,))
-    return {str(u) for (u,) in rows}

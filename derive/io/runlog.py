@@ -1,47 +1,68 @@
-"""The run log (``derivation_runs``) and the per-job session advisory lock.
+"""The run log (``derivation_runs``) and the job lock: a lease that holds through poolers.
 
-Every job run follows the same protocol:
+Every job run follows the same protocol, with nothing held across transactions (SPEC §2.12: a
+transaction-mode pooler may hand each transaction to another server connection):
 
-1. take ``pg_try_advisory_lock`` for the job on the job's own connection; if another session holds
-   it, record a ``skipped`` row and raise :class:`~derive.errors.LockBusy` (exit 75);
-2. insert a ``running`` row (committed at once, so the audience_state guard can see it);
-3. do the work; on success update the row to ``succeeded`` with counts and phase timings, on any
-   error to ``failed`` with the error text; release the lock.
+1. ``derive_start_run(...)`` in one short transaction: serialised per lock name by a
+   transaction-level advisory lock, it marks running rows whose lease expired as ``failed``, then
+   either records a ``skipped`` row (another run's lease is alive; :class:`~derive.errors.LockBusy`,
+   exit 75) or inserts the ``running`` row with a lease and returns the run's secret token;
+2. while the block runs, a heartbeat on its own connection extends the lease every third of its
+   length (``derive_heartbeat``); a process killed with SIGKILL stops the heartbeat, its lease
+   expires and the next run takes over;
+3. the job finishes its run with ``derive_finish_run`` inside its own write transaction when it
+   has one (:meth:`Run.finish_in`: the data and the bookkeeping commit together), or in a
+   transaction of its own after the block; an error finishes it ``failed``.
 
-A process killed with SIGKILL leaves a ``running`` row behind; the lock dies with its session, and
-:func:`reap_orphans` marks such rows ``failed`` at the start of the next run.
+Run rows are written only through those definer functions (service_role holds no INSERT, UPDATE or
+DELETE on the table), and only the holder of the token can extend or finish its run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from derive.errors import LockBusy
+from derive.errors import ConfigError, LockBusy
 from derive.io.connect import Db
 
-_LOCK_CLASS = 0x6476  # first key of pg_try_advisory_lock(int, int): "dv"
+#: Seconds a run's lease lasts without a heartbeat; a killed run blocks the next one this long.
+DEFAULT_LEASE_SECONDS = 60
+NO_RUN = "00000000-0000-0000-0000-000000000000"
 
 
-def lock_key(job: str) -> int:
-    """Stable 31-bit key of a job's advisory lock."""
-    return int.from_bytes(hashlib.sha256(job.encode()).digest()[:4], "big") & 0x7FFFFFFF
+def lease_seconds() -> int:
+    """The lease length: ``DERIVE_LEASE_SECONDS`` (1..86400) or :data:`DEFAULT_LEASE_SECONDS`."""
+    raw = os.environ.get("DERIVE_LEASE_SECONDS", "").strip()
+    if not raw:
+        return DEFAULT_LEASE_SECONDS
+    if not raw.isdigit() or not 1 <= int(raw) <= 86400:
+        raise ConfigError(
+            f"DERIVE_LEASE_SECONDS={raw!r} is not a whole number of seconds from 1 to 86400"
+        )
+    return int(raw)
 
 
 @dataclass
 class Run:
-    """A running job: its id and what it will record when it finishes."""
+    """A running job: its id, its secret token and what it will record when it finishes."""
 
     run_id: str
     job: str
+    token: str = ""
     counts: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Run-log columns beyond counts: mode, full_reason, base_run_id, read_snapshot.
+    extra: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+    lost: threading.Event = field(default_factory=threading.Event)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -52,26 +73,90 @@ class Run:
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
 
+    @property
+    def recorded(self) -> bool:
+        """Whether this run has a row in ``derivation_runs`` (dry runs have none)."""
+        return self.run_id != NO_RUN
+
+    def mark(self, db: Db) -> None:
+        """Set the guard's run marker (id and token) in the open transaction of ``db``."""
+        db.set_local(run_id=self.run_id, run_token=self.token)
+
+    def finish_in(self, db: Db) -> None:
+        """Finish the run ``succeeded`` inside the caller's open transaction.
+
+        The bookkeeping then commits or rolls back with the data: a crash after the commit leaves
+        the run succeeded with its counts, a crash before it leaves neither.
+        """
+        if not self.recorded:
+            return
+        _finish_statement(db, self, "succeeded", None)
+        self.finished = True
+
 
 def _interval(value: timedelta | None) -> str | None:
     return None if value is None else f"{int(value.total_seconds())} seconds"
 
 
-def reap_orphans(db: Db, job: str) -> int:
-    """Mark ``running`` rows of ``job`` whose session is gone as ``failed``. Returns how many.
+def _finish_statement(db: Db, run: Run, status: str, error: str | None) -> None:
+    counts = run.counts if status == "succeeded" else {"computed_before_failure": run.counts}
+    db.execute(
+        "SELECT derive_finish_run($1::uuid, $2, $3, $4::jsonb, $5::jsonb, $6, $7::jsonb)",
+        (
+            run.run_id,
+            run.token,
+            status,
+            json.dumps(counts, default=str),
+            json.dumps(run.timings),
+            error,
+            json.dumps(run.extra, default=str),
+        ),
+    )
 
-    Only called while holding the job's lock, so no live run of the job can be affected.
-    """
-    with db.transaction(role="service_role"):
-        rows = db.fetch_all(
-            "UPDATE derivation_runs SET status = 'failed', finished_at = clock_timestamp(),"
-            " error = 'process ended without finishing (killed?)'"
-            " WHERE job = $1 AND status = 'running'"
-            "   AND backend_pid NOT IN (SELECT pid FROM pg_stat_activity)"
-            " RETURNING run_id",
-            (job,),
-        )
-    return len(rows)
+
+class _Heartbeat:
+    """Extends a run's lease from a thread with its own connection until stopped."""
+
+    def __init__(self, db: Db, run: Run, lease: int) -> None:
+        self._db = db
+        self._run = run
+        self._lease = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="derive-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        interval = max(self._lease / 3.0, 0.2)
+        conn: Db | None = None
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    if conn is None:
+                        conn = self._db.sibling()
+                    with conn.transaction(role="service_role"):
+                        alive = conn.fetch_value(
+                            "SELECT derive_heartbeat($1::uuid, $2, $3::int)",
+                            (self._run.run_id, self._run.token, self._lease),
+                        )
+                    if not alive:
+                        self._run.lost.set()
+                        return
+                except Exception:
+                    # A dropped connection: try again at the next beat (the lease has slack for
+                    # two missed beats); the write's guard refuses once the lease is gone.
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 @contextmanager
@@ -86,72 +171,48 @@ def job_run(
     record: bool = True,
     lock: str | None = None,
 ) -> Iterator[Run]:
-    """Hold the job's lock and log the run in ``derivation_runs`` around the block.
+    """Hold the job's lease and log the run in ``derivation_runs`` around the block.
 
     Args:
-        record: ``False`` for dry runs: take the lock but write no run row.
+        record: ``False`` for dry runs: no run row and no lock (a dry run only reads, from one
+            snapshot, so it cannot interleave badly with a writing run).
         lock: name of the lock to hold (default: the job's own); jobs that write the same table
             share one.
 
     Raises:
-        LockBusy: another session holds the job's lock (a ``skipped`` row is recorded).
+        LockBusy: another run holds a live lease on the lock (a ``skipped`` row is recorded).
     """
-    key = lock_key(lock or job)
-    db.rollback()
-    got = db.fetch_value("SELECT pg_try_advisory_lock($1::int, $2::int)", (_LOCK_CLASS, key))
-    db.commit()
+    if not record:
+        yield Run(run_id=NO_RUN, job=job)
+        return
+    lease = lease_seconds()
     payload = json.dumps(args or {}, default=str)
-    if not got:
-        if record:
-            with db.transaction(role="service_role"):
-                db.execute(
-                    "INSERT INTO derivation_runs (job, as_of, lookback, rules_version, args, status,"
-                    " finished_at, error) VALUES ($1, $2, $3::interval, $4, $5::jsonb, 'skipped',"
-                    " clock_timestamp(), 'another run holds the lock')",
-                    (job, as_of, _interval(lookback), rules_version, payload),
-                )
-        raise LockBusy(f"another `{job}` run holds the lock on {db.label}; this run was skipped")
-    try:
-        run = Run(run_id="00000000-0000-0000-0000-000000000000", job=job)
-        if record:
-            reap_orphans(db, job)
-            with db.transaction(role="service_role"):
-                run.run_id = str(
-                    db.fetch_value(
-                        "INSERT INTO derivation_runs (job, as_of, lookback, rules_version, args)"
-                        " VALUES ($1, $2, $3::interval, $4, $5::jsonb) RETURNING run_id::text",
-                        (job, as_of, _interval(lookback), rules_version, payload),
-                    )
-                )
+    with db.transaction(role="service_role"):
+        run_id, token, status, holder = db.fetch_all(
+            "SELECT run_id::text, token, status, holder::text"
+            "  FROM derive_start_run($1, $2, $3, $4::interval, $5, $6::jsonb, $7::int)",
+            (job, lock or job, as_of, _interval(lookback), rules_version, payload, lease),
+        )[0]
+    if status == "skipped":
+        raise LockBusy(
+            f"another `{lock or job}` run ({holder}) holds the lock on {db.label};"
+            " this run was skipped"
+        )
+    run = Run(run_id=str(run_id), job=job, token=str(token))
+    with _Heartbeat(db, run, lease):
         try:
             yield run
         except BaseException as exc:
-            if record:
-                _finish(db, run, "failed", f"{type(exc).__name__}: {exc}"[:2000])
+            if not run.finished:
+                _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000])
             raise
-        if record:
-            _finish(db, run, "succeeded", None)
-    finally:
-        db.rollback()
-        db.fetch_value("SELECT pg_advisory_unlock($1::int, $2::int)", (_LOCK_CLASS, key))
-        db.commit()
-
-
-def _finish(db: Db, run: Run, status: str, error: str | None) -> None:
-    try:
+    if not run.finished:
         with db.transaction(role="service_role"):
-            db.execute(
-                "UPDATE derivation_runs SET status = $2, finished_at = clock_timestamp(),"
-                " counts = $3::jsonb, timings = $4::jsonb, error = $5 WHERE run_id = $1::uuid",
-                (
-                    run.run_id,
-                    status,
-                    json.dumps(run.counts, default=str),
-                    json.dumps(run.timings),
-                    error,
-                ),
-            )
-    except Exception:
-        if status == "succeeded":
-            raise
-        # The connection may be gone; the orphan reaper marks the row failed next time.
+            _finish_statement(db, run, "succeeded", None)
+        run.finished = True
+
+
+def _finish_failed(db: Db, run: Run, error: str) -> None:
+    # The connection may be gone; the lease then expires and the next run marks the row failed.
+    with suppress(Exception), db.transaction(role="service_role"):
+        _finish_statement(db, run, "failed", error)

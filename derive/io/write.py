@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
 
 from derive.io.connect import Db
+from derive.io.runlog import Run
 
 # Audit ids: the transaction's start time in milliseconds (48 bits), then 80 bits of
 # md5(run, user, step). Deterministic within the run, so the state row can point at its last audit
@@ -146,6 +148,34 @@ def audit_metadata(
 
 
 _REJECTION_COLUMNS = {"user_id": pl.Binary(), "reasons_key": pl.String(), "evidence": pl.String()}
+_REJECTED_COLUMNS = {"user_id": pl.Binary(), "reasons_key": pl.String()}
+_EVALUATED_COLUMNS: dict[str, pl.DataType] = {"user_id": pl.Binary()}
+
+# The stored rejected set (SPEC §2.10 reason 5): replaced by a run that evaluated everyone,
+# amended for the evaluated users by one that did not.
+_FORGET_ALL_REJECTED = """
+DELETE FROM derive_rejected_users r
+ WHERE NOT EXISTS (SELECT 1 FROM derive_tmp_rejected t WHERE encode(t.user_id, 'hex')::uuid = r.user_id)
+"""
+_FORGET_EVALUATED = """
+DELETE FROM derive_rejected_users r
+ USING derive_tmp_evaluated v
+ WHERE encode(v.user_id, 'hex')::uuid = r.user_id
+   AND NOT EXISTS (SELECT 1 FROM derive_tmp_rejected t WHERE t.user_id = v.user_id)
+"""
+_KEEP_REJECTED = """
+INSERT INTO derive_rejected_users (user_id, reasons_key, run_id)
+SELECT encode(t.user_id, 'hex')::uuid, t.reasons_key, current_setting('derive.run_id')::uuid
+  FROM derive_tmp_rejected t
+ON CONFLICT (user_id) DO UPDATE
+   SET reasons_key = EXCLUDED.reasons_key, run_id = EXCLUDED.run_id
+"""
+_SERVE_REQUESTS = """
+UPDATE derive_requests
+   SET status = 'done', run_id = current_setting('derive.run_id')::uuid,
+       finished_at = clock_timestamp()
+ WHERE status = 'pending' AND id <= $1
+"""
 
 
 @dataclass(frozen=True)
@@ -167,15 +197,29 @@ def _stage(db: Db, name: str, frame: pl.DataFrame, columns: dict[str, pl.DataTyp
 def write_derivation(
     db: Db,
     *,
-    run_id: str,
+    run: Run,
     as_of: datetime,
     derived_by: str,
     rules_version: str,
     states: pl.DataFrame,
     audit: pl.DataFrame,
     rejections: pl.DataFrame,
+    rejected: pl.DataFrame,
+    evaluated: pl.Series | None,
+    requests_upto: int = 0,
+    before_commit: Callable[[WriteResult], None] = lambda _written: None,
 ) -> WriteResult:
     """Write states, audit rows and rejections in one transaction as ``service_role``.
+
+    Args:
+        run: the running job (its marker passes the guard; ``before_commit`` may finish it inside
+            this transaction, so data and bookkeeping commit together).
+        rejections: the ``validation_fail`` rows to log (new rejections, or relogs).
+        rejected: every user rejected this run (``user_id``, ``reasons_key``): the next
+            incremental run evaluates them again.
+        evaluated: the users this run evaluated, or ``None`` when it evaluated everyone (the
+            stored rejected set is then replaced, not amended).
+        requests_upto: pending requests with ids up to this one were served by this run.
 
     The transaction commits only at the end: a crash at any point leaves the tables as they were.
     """
@@ -188,29 +232,46 @@ def write_derivation(
         timings[step] = round(now - clock, 4)
         clock = now
 
+    staged = [
+        "derive_tmp_audit",
+        "derive_tmp_states",
+        "derive_tmp_rejections",
+        "derive_tmp_rejected",
+    ]
     with db.transaction(role="service_role"):
-        db.set_local(
-            run_id=run_id,
-            as_of=as_of.isoformat(),
+        run.mark(db)
+        db.set_local(as_of=as_of.isoformat(), derived_by=derived_by, rules_version=rules_version)
+        meta = audit_metadata(
+            audit,
+            run_id=run.run_id,
+            as_of=as_of,
             derived_by=derived_by,
             rules_version=rules_version,
-        )
-        meta = audit_metadata(
-            audit, run_id=run_id, as_of=as_of, derived_by=derived_by, rules_version=rules_version
         )
         _stage(db, "derive_tmp_audit", meta, _AUDIT_COLUMNS)
         _stage(db, "derive_tmp_states", states, _STATE_COLUMNS)
         _stage(db, "derive_tmp_rejections", rejections, _REJECTION_COLUMNS)
+        _stage(db, "derive_tmp_rejected", rejected, _REJECTED_COLUMNS)
+        if evaluated is not None:
+            _stage(db, "derive_tmp_evaluated", evaluated.to_frame("user_id"), _EVALUATED_COLUMNS)
+            staged.append("derive_tmp_evaluated")
         lap("write_copy")
         audit_rows = _count(db, _INSERT_AUDIT)
         fail_rows = _count(db, _INSERT_REJECTIONS)
         lap("write_audit")
         written = _count(db, _UPSERT_STATES)
         lap("write_states")
-        for name in ("derive_tmp_audit", "derive_tmp_states", "derive_tmp_rejections"):
+        db.execute(_FORGET_ALL_REJECTED if evaluated is None else _FORGET_EVALUATED)
+        db.execute(_KEEP_REJECTED)
+        if requests_upto > 0:
+            db.execute(_SERVE_REQUESTS, (requests_upto,))
+        for name in staged:
             db.execute(f"DROP TABLE {name}")
+        lap("write_bookkeeping")
+        result = WriteResult(written, audit_rows, fail_rows, timings)
+        before_commit(result)
     lap("write_commit")
-    return WriteResult(written, audit_rows, fail_rows, timings)
+    return result
 
 
 def _count(db: Db, sql: str) -> int:

@@ -18,10 +18,8 @@ from derive.jobs.derivation import JOB as DERIVE_JOB
 
 def adopt(db: Db, *, as_of: datetime) -> int:
     """Adopt every unaudited state; return how many were adopted."""
-    with job_run(db, job="adopt", as_of=as_of, lock=DERIVE_JOB) as run:
-        with run.phase("write"):
-            adopted = adopt_states(
-                db, run_id=run.run_id, as_of=as_of.isoformat(), derived_by=f"derive {__version__}"
-            )
-        run.counts["states_adopted"] = adopted
+    with job_run(db, job="adopt", as_of=as_of, lock=DERIVE_JOB) as run, run.phase("write"):
+        adopted = adopt_states(
+            db, run=run, as_of=as_of.isoformat(), derived_by=f"derive {__version__}"
+        )
     return adopted

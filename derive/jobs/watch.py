@@ -1,25 +1,25 @@
 """The two execution modes of seed 000: Mode A (scheduled) and Mode B (``derive watch``).
 
-Mode A is ``derive run`` every 15 minutes; :func:`schedule_units` prints the crontab line and the
-systemd timer for it. Mode B listens for the user ids the insert trigger announces, batches them
-(debounce) and derives just those users through :func:`~derive.jobs.derivation.run_derivation`:
-same code, same advisory lock, same run log and audit rows as a cron run.
+Mode A is ``derive run`` every 15 minutes; :func:`schedule_units` prints the crontab lines and the
+systemd timer for it. Mode B is the same incremental run (SPEC §2.8, §2.10), started when the
+insert trigger's notification wakes the watcher (debounced) or, with ``--poll`` or where LISTEN
+is unavailable (a transaction-mode pooler), on a poll interval: same code, same lease, same run log
+and audit rows as a cron run.
 
-Delivery rules of the watcher:
+Rules of the watcher:
 
-- a batch is taken out of the pending set only after its run succeeded; when the lock is busy
-  (a scheduled run is in progress) or the database went away, its users go back to the pending
-  set and are derived later, once;
-- after a (re)connection it LISTENs first, then derives every user with events stamped since the
-  last moment it knew it was listening (minus ``catch_up_margin`` for transactions that were open
-  at that moment), so nothing inserted during an outage is lost;
-- ``stop()`` (SIGTERM in the CLI) lets a running batch finish, derives what is still pending and
-  returns.
-
-The catch-up goes by ``created_at``: an event inserted during an outage with a ``created_at``
-back-dated before the catch-up mark is not found by it (nor by any notification); the scheduled
-full run derives it. Mode B complements Mode A, it does not replace it: retention downgrades
-happen with time passing, not with inserts.
+- notifications only wake it. Their payload is never read (any role may NOTIFY any channel): what
+  a run derives comes from the watermark, so a flood or a garbage payload costs at most one cheap
+  probe per debounce interval, never a run per message;
+- before spending a run on a wake-up it asks the database whether anything arrived that the base
+  run did not see (two index probes); a run also starts every ``max_idle`` regardless, so time
+  driven changes (retention, rows leaving the window) and pending SQL requests are served even
+  when nothing is inserted;
+- a run that finds the lease taken (a cron run in progress) or fails is retried with a backoff
+  that grows and caps, and resets only after a run succeeded;
+- after a reconnection nothing needs catching up: the next run finds every row the last
+  succeeded run did not see, whatever its created_at;
+- ``stop()`` (SIGTERM in the CLI) lets a running run finish and returns.
 """
 
 from __future__ import annotations
@@ -28,44 +28,39 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from derive.config import Rules, format_duration
-from derive.errors import LockBusy, SourceError
+from derive.errors import DeriveError, LockBusy, SourceError
 from derive.io.connect import Db, connect
+from derive.io.incremental import anything_new, latest_base
 from derive.io.migrate import ensure_migrated
-from derive.io.notify import Listener, users_with_events_since
-from derive.jobs.derivation import run_derivation
+from derive.io.notify import Listener
+from derive.jobs.derivation import JOB, run_derivation
 
 
 @dataclass
 class WatchStats:
     """What a watcher did; printed when it stops."""
 
-    batches: int = 0
-    users_derived: int = 0
+    wakes: int = 0
+    notifications: int = 0
+    foreign_payloads: int = 0
+    probes_nothing_new: int = 0
+    runs: int = 0
+    users_evaluated: int = 0
     users_changed: int = 0
     lock_busy: int = 0
+    failed_runs: int = 0
     reconnects: int = 0
-    caught_up: int = 0
-    pending_at_exit: int = 0
-    latencies: list[float] = field(default_factory=list)
+    polling: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
-            "batches": self.batches,
-            "users_derived": self.users_derived,
-            "users_changed": self.users_changed,
-            "lock_busy": self.lock_busy,
-            "reconnects": self.reconnects,
-            "caught_up": self.caught_up,
-            "pending_at_exit": self.pending_at_exit,
-            "max_latency_seconds": round(max(self.latencies), 3) if self.latencies else None,
-        }
+        return dict(self.__dict__)
 
 
 class Backoff:
@@ -90,18 +85,17 @@ class Backoff:
 
 
 class Watcher:
-    """Mode B: LISTEN, debounce, derive the notified users; reconnect and catch up after outages.
+    """Mode B: wake on notifications (or poll), then run the incremental derivation.
 
     Args:
         dsn_source: returns the DSN to (re)connect to; called at every connection attempt, so an
             embedded server that comes back on another port is found again.
-        debounce: derive once no new user id arrived for this long ...
-        max_delay: ... or once the oldest pending id waited this long (steady streams).
-        max_batch: users per derivation run; larger pending sets run in several batches.
-        catch_up_margin: how far before the last known-listening moment the catch-up looks, for
-            transactions that started before it and committed during the outage.
-        heartbeat: seconds between liveness probes while idle (they advance the catch-up mark).
-        log: receives one line per event worth telling (batches, reconnects).
+        debounce: run once no notification arrived for this long ...
+        max_delay: ... or once the first unserved wake-up waited this long (steady streams).
+        poll: seconds between probes without notifications (``None``: listen; polling is also
+            the fallback where LISTEN does not deliver).
+        max_idle: seconds after which a run starts even if nothing new was seen.
+        log: receives one line per event worth telling (runs, reconnects).
     """
 
     def __init__(
@@ -112,9 +106,8 @@ class Watcher:
         lookback: timedelta,
         debounce: float = 2.0,
         max_delay: float | None = None,
-        max_batch: int = 5000,
-        catch_up_margin: timedelta = timedelta(minutes=5),
-        heartbeat: float = 5.0,
+        poll: float | None = None,
+        max_idle: float = 900.0,
         log: Callable[[str], None] = lambda _line: None,
     ) -> None:
         self._dsn_source = dsn_source
@@ -122,19 +115,18 @@ class Watcher:
         self.lookback = lookback
         self.debounce = debounce
         self.max_delay = max_delay if max_delay is not None else max(10 * debounce, debounce)
-        self.max_batch = max_batch
-        self.catch_up_margin = catch_up_margin
-        self.heartbeat = heartbeat
+        self.poll = poll
+        self.max_idle = max_idle
         self.log = log
         self.stats = WatchStats()
         self._stop = threading.Event()
         self._listener: Listener | None = None
         self._db: Db | None = None
-        self._pending: dict[str, float] = {}  # user id -> monotonic time first notified
-        self._last_arrival = 0.0
+        self._dirty_since: float | None = None  # first unserved wake-up (monotonic)
+        self._last_wake = 0.0
+        self._last_run = 0.0
         self._retry_at = 0.0
-        self._lock_backoff = Backoff(initial=1.0, cap=30.0)
-        self._listening_mark: datetime | None = None
+        self._run_backoff = Backoff(initial=1.0, cap=60.0)
 
     # -- control -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -156,44 +148,43 @@ class Watcher:
         first = True
         while not self.stopping:
             try:
-                self._connect(catch_up=not first)
+                self._connect(first=first)
                 first = False
-                backoff.reset()
-                self._serve()
+                self._serve(backoff)
             except SourceError as exc:
                 self._disconnect()
                 if self.stopping:
                     break
-                delay = backoff.next()
+                delay = backoff.next()  # reset only once a run succeeded, not on reconnect
                 self.stats.reconnects += 1
                 self.log(f"database unavailable ({exc}); reconnecting in {delay:.1f}s")
                 self._stop.wait(delay)
-        self._final_flush()
         self._disconnect()
-        self.stats.pending_at_exit = len(self._pending)
         return self.stats
 
     # -- connection ----------------------------------------------------------------------------------
-    def _connect(self, *, catch_up: bool) -> None:
+    def _connect(self, *, first: bool) -> None:
         dsn = self._dsn_source()
-        self._listener = Listener(dsn)
         self._db = connect(dsn)
-        if not catch_up:
-            ensure_migrated(self._db)  # without migration 0005 no notification would ever come
-        now = self._listener.server_now()
-        if catch_up and self._listening_mark is not None:
-            since = self._listening_mark - self.catch_up_margin
-            users = users_with_events_since(self._db, since)
-            self._add(users)
-            self.stats.caught_up += len(users)
-            self.log(
-                f"listening on {self._listener.label} again; catch-up: {len(users)} users with "
-                f"events since {since.isoformat()}"
-            )
-            self._last_arrival = 0.0  # derive the catch-up set without waiting for the debounce
-        else:
-            self.log(f"listening on {self._listener.label}")
-        self._listening_mark = now
+        if first:
+            ensure_migrated(self._db)  # without the triggers no notification would ever come
+        if self.poll is None:
+            listener = Listener(dsn)
+            if listener.delivers():
+                self._listener = listener
+                self.log(f"listening on {listener.label}")
+            else:
+                listener.close()
+                self.poll = 10.0
+                self.log(
+                    f"LISTEN does not deliver on {listener.label} (a transaction-mode pooler?):"
+                    f" polling every {self.poll:g}s; for notifications connect in session mode"
+                    " (e.g. Supabase's direct connection or pooler port 5432)"
+                )
+        if self.poll is not None:
+            self.stats.polling = True
+            self.log(f"polling {self._db.label} every {self.poll:g}s")
+        self._dirty_since = self._dirty_since or time.monotonic()  # look once after (re)connecting
 
     def _disconnect(self) -> None:
         if self._listener is not None:
@@ -204,87 +195,90 @@ class Watcher:
             self._db = None
 
     # -- the loop ------------------------------------------------------------------------------------
-    def _add(self, users: set[str]) -> None:
-        now = time.monotonic()
-        for user in users:
-            self._pending.setdefault(user, now)
-        if users:
-            self._last_arrival = now
+    def _wake(self, now: float) -> None:
+        self.stats.wakes += 1
+        self._last_wake = now
+        if self._dirty_since is None:
+            self._dirty_since = now
 
     def _due(self, now: float) -> bool:
-        if not self._pending or now < self._retry_at:
+        if now < self._retry_at:
             return False
-        oldest = min(self._pending.values())
-        return now - self._last_arrival >= self.debounce or now - oldest >= self.max_delay
+        if now - self._last_run >= self.max_idle:
+            return True
+        if self._dirty_since is None:
+            return False
+        return now - self._last_wake >= self.debounce or now - self._dirty_since >= self.max_delay
 
-    def _serve(self) -> None:
-        assert self._listener is not None
-        last_probe = time.monotonic()
+    def _serve(self, reconnect_backoff: Backoff) -> None:
+        assert self._db is not None
+        last_poll = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
             if self._due(now):
-                self._derive_pending()
+                if self._run_once():
+                    reconnect_backoff.reset()
                 continue
-            timeout = min(0.5, self.heartbeat)
-            if self._pending:
-                wake = max(self._last_arrival + self.debounce, self._retry_at)
-                timeout = max(0.01, min(timeout, wake - now))
-            self._add(self._listener.wait(timeout))
-            if time.monotonic() - last_probe >= self.heartbeat:
-                self._listening_mark = self._listener.server_now()
-                last_probe = time.monotonic()
+            timeout = 0.5
+            if self._dirty_since is not None:
+                wake_at = max(self._last_wake + self.debounce, self._retry_at)
+                timeout = max(0.01, min(timeout, wake_at - now))
+            if self._listener is not None:
+                got = self._listener.wait(timeout)
+                if got.notifications:
+                    self.stats.notifications += got.notifications
+                    self.stats.foreign_payloads += got.foreign
+                    self._wake(time.monotonic())
+            else:
+                self._stop.wait(timeout)
+                assert self.poll is not None
+                if time.monotonic() - last_poll >= self.poll:
+                    last_poll = time.monotonic()
+                    self._wake(last_poll)
 
-    def _derive_pending(self) -> None:
-        """Derive the pending users in batches; a batch leaves the pending set only on success."""
+    def _run_once(self) -> bool:
+        """Probe, then run the incremental derivation; ``True`` when a run succeeded or was not needed."""
         assert self._db is not None
-        order = sorted(self._pending, key=lambda u: (self._pending[u], u))
-        for start in range(0, len(order), self.max_batch):
-            batch = order[start : start + self.max_batch]
-            if not self._derive_batch(batch):
-                return
-
-    def _derive_batch(self, batch: list[str]) -> bool:
-        assert self._db is not None
+        now = time.monotonic()
+        idle = now - self._last_run >= self.max_idle
+        if not idle and not anything_new(self._db, latest_base(self._db, job=JOB)):
+            self.stats.probes_nothing_new += 1
+            self._dirty_since = None
+            return True
         tick = time.perf_counter()
         try:
             as_of = self._db.fetch_value("SELECT clock_timestamp()")
             self._db.rollback()
-            report = run_derivation(
-                self._db, as_of=as_of, lookback=self.lookback, rules=self.rules, users=batch
-            )
+            report = run_derivation(self._db, as_of=as_of, lookback=self.lookback, rules=self.rules)
         except LockBusy:
             self.stats.lock_busy += 1
-            delay = self._lock_backoff.next()
+            delay = self._run_backoff.next()
             self._retry_at = time.monotonic() + delay
-            self.log(
-                f"another derive run holds the lock; {len(self._pending)} users wait, "
-                f"retry in {delay:.1f}s"
-            )
+            self.log(f"another derive run holds the lock; retry in {delay:.1f}s")
             return False
-        self._lock_backoff.reset()
+        except SourceError:
+            raise
+        except DeriveError as exc:
+            self.stats.failed_runs += 1
+            delay = self._run_backoff.next()
+            self._retry_at = time.monotonic() + delay
+            self.log(f"run failed ({exc}); retry in {delay:.1f}s")
+            return False
+        self._run_backoff.reset()
         self._retry_at = 0.0
-        done = time.monotonic()
-        for user in batch:
-            first = self._pending.pop(user)
-            self.stats.latencies.append(done - first)
+        self._last_run = time.monotonic()
+        self._dirty_since = None
         changed = int(report.counts.get("users_changed", 0))
-        self.stats.batches += 1
-        self.stats.users_derived += len(batch)
+        evaluated = int(report.counts.get("users_evaluated", 0))
+        self.stats.runs += 1
+        self.stats.users_evaluated += evaluated
         self.stats.users_changed += changed
         self.log(
-            f"derived {len(batch)} users in {time.perf_counter() - tick:.2f}s: {changed} changed, "
-            f"{report.counts.get('users_rejected', 0)} rejected (run {report.run_id})"
+            f"{report.headline}: {evaluated} users evaluated, {changed} changed,"
+            f" {report.counts.get('users_rejected', 0)} rejected in"
+            f" {time.perf_counter() - tick:.2f}s (run {report.run_id})"
         )
         return True
-
-    def _final_flush(self) -> None:
-        """On stop: one attempt to derive what is still pending (if the database is there)."""
-        if not self._pending or self._db is None:
-            return
-        try:
-            self._derive_pending()
-        except SourceError as exc:
-            self.log(f"could not derive {len(self._pending)} pending users before exit: {exc}")
 
 
 # -- Mode A ------------------------------------------------------------------------------------------

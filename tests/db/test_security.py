@@ -48,27 +48,47 @@ def as_role(
         yield pg
 
 
-def start_run(pg: psycopg.Connection, *, status: str = "running") -> str:
-    """A derivation_runs row owned by this session (backend_pid defaults to it)."""
-    row = pg.execute(
-        "INSERT INTO derivation_runs (job, as_of, status) VALUES ('derive', now(), %s)"
-        " RETURNING run_id::text",
-        (status,),
-    ).fetchone()
+def start_run(pg: psycopg.Connection, *, status: str = "running", job: str = "derive") -> str:
+    """A run started the only way there is (``derive_start_run``); finished when asked.
+
+    Returns the run id; its token is kept in ``TOKENS`` for the tests that need it.
+    """
+    with as_role(pg, "service_role") as conn:
+        row = conn.execute(
+            "SELECT run_id::text, token FROM derive_start_run(%s, %s, now(), NULL, NULL, '{}', 60)",
+            (job, f"test_{uuid.uuid4().hex[:8]}"),
+        ).fetchone()
     assert row is not None
-    return str(row[0])
+    run_id, token = str(row[0]), str(row[1])
+    TOKENS[run_id] = token
+    if status != "running":
+        finish_run(pg, run_id, status)
+    return run_id
+
+
+TOKENS: dict[str, str] = {}
+
+
+def finish_run(pg: psycopg.Connection, run_id: str, status: str = "succeeded") -> None:
+    with as_role(pg, "service_role") as conn:
+        conn.execute(
+            "SELECT derive_finish_run(%s, %s, %s, '{}', '{}', NULL, '{}')",
+            (run_id, TOKENS[run_id], status),
+        )
 
 
 def write_state_as_job(pg: psycopg.Connection, user_id: str, state: str = "S2") -> None:
     """Write one audience_state row the way the job does."""
     run_id = start_run(pg)
-    with as_role(pg, "service_role", derive__run_id=run_id):
-        pg.execute(
+    with as_role(
+        pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+    ) as conn:
+        conn.execute(
             "INSERT INTO audience_state (user_id, current_state, state_updated_at)"
             " VALUES (%s, %s, now())",
             (user_id, state),
         )
-    pg.execute("UPDATE derivation_runs SET status = 'succeeded' WHERE run_id = %s", (run_id,))
+    finish_run(pg, run_id)
 
 
 def stored_states(pg: psycopg.Connection) -> list[tuple[str, str]]:
@@ -152,17 +172,57 @@ def test_service_role_with_a_fake_or_finished_run_id_is_rejected(
     assert stored_states(pg) == state_row
 
 
-def test_a_running_run_of_another_session_does_not_open_the_guard(
-    pg: psycopg.Connection, state_row: list[tuple[str, str]]
+@pytest.mark.parametrize("token", ["", "0" * 64, "wrong"])
+def test_a_running_run_without_its_token_does_not_open_the_guard(
+    pg: psycopg.Connection, state_row: list[tuple[str, str]], token: str
 ) -> None:
+    # The token replaces the old backend-pid check: a pooled connection has no stable pid, and
+    # knowing a running run's id (anyone holding service_role can read it) is not enough.
     run_id = start_run(pg)
-    pg.execute("UPDATE derivation_runs SET backend_pid = 0 WHERE run_id = %s", (run_id,))
 
     with (
         pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
-        as_role(pg, "service_role", derive__run_id=run_id) as conn,
+        as_role(pg, "service_role", derive__run_id=run_id, derive__run_token=token) as conn,
     ):
         conn.execute(WRITES["delete"])
+
+    assert stored_states(pg) == state_row
+
+
+def test_a_run_whose_lease_expired_does_not_open_the_guard(
+    pg: psycopg.Connection, state_row: list[tuple[str, str]]
+) -> None:
+    run_id = start_run(pg)
+    pg.execute(
+        "UPDATE derivation_runs SET lease_expires_at = clock_timestamp() - interval '1 second'"
+        " WHERE run_id = %s",
+        (run_id,),
+    )
+
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
+        as_role(
+            pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+        ) as conn,
+    ):
+        conn.execute(WRITES["update"])
+
+    assert stored_states(pg) == state_row
+
+
+@pytest.mark.parametrize("job", ["rollup", "backfill", "attribution"])
+def test_a_running_run_of_a_job_that_does_not_own_audience_state_is_rejected(
+    pg: psycopg.Connection, state_row: list[tuple[str, str]], job: str
+) -> None:
+    run_id = start_run(pg, job=job)
+
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
+        as_role(
+            pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+        ) as conn,
+    ):
+        conn.execute(WRITES["update"])
 
     assert stored_states(pg) == state_row
 

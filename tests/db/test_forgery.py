@@ -1,0 +1,208 @@
+"""The guard against a forging service_role (SPEC §1): reproductions of real attempts.
+
+Each test plays the attacker against a real server: someone holding service_role who tries to
+write audience_state without leaving a trace, by making up run rows, deleting them afterwards,
+shadowing derive's tables with temp tables, or rewriting the run log.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from tests.db.test_security import TOKENS, USER_A, as_role, start_run, stored_states, write_state_as_job
+
+FORGED = "11111111-1111-1111-1111-111111111111"
+
+
+@pytest.fixture
+def s0_user(pg: psycopg.Connection) -> list[tuple[str, str]]:
+    write_state_as_job(pg, USER_A, "S0")
+    return stored_states(pg)
+
+
+def test_service_role_cannot_insert_a_run_row_of_its_own(
+    pg: psycopg.Connection, s0_user: list[tuple[str, str]]
+) -> None:
+    # The reproduction: insert a running row, name it in the marker, write, delete the row.
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="derivation_runs"),
+        as_role(pg, "service_role") as conn,
+    ):
+        conn.execute(
+            "INSERT INTO derivation_runs (run_id, job, as_of) VALUES (%s, 'derive', now())",
+            (FORGED,),
+        )
+
+    assert stored_states(pg) == s0_user
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE derivation_runs SET status = 'running' WHERE run_id = %s",
+        "UPDATE derivation_runs SET error = 'nothing to see' WHERE run_id = %s",
+        "DELETE FROM derivation_runs WHERE run_id = %s",
+    ],
+)
+@pytest.mark.parametrize("role", ["service_role", "authenticated", "anon"])
+def test_no_client_role_can_rewrite_or_delete_a_run_row(
+    pg: psycopg.Connection, statement: str, role: str
+) -> None:
+    run_id = start_run(pg, status="succeeded")
+
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), as_role(pg, role) as conn:
+        conn.execute(statement, (run_id,))
+
+    row = pg.execute(
+        "SELECT status, error FROM derivation_runs WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    assert row == ("succeeded", None)
+
+
+def test_a_forged_write_through_the_start_function_leaves_a_permanent_flagged_run(
+    pg: psycopg.Connection, s0_user: list[tuple[str, str]]
+) -> None:
+    # The attacker may start a run (service_role has to, derive runs as it), write, and try to
+    # remove the evidence. The delete fails; committing without it leaves the run row and the
+    # guard's record that this run wrote audience_state.
+    run_id = start_run(pg)
+    with as_role(
+        pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+    ) as conn:
+        conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with conn.transaction():  # a savepoint, so the attacker's transaction goes on
+                conn.execute("DELETE FROM derivation_runs WHERE run_id = %s", (run_id,))
+
+    runs = pg.execute("SELECT status FROM derivation_runs WHERE run_id = %s", (run_id,)).fetchall()
+    writes = pg.execute(
+        "SELECT table_name FROM derive_run_writes WHERE run_id = %s", (run_id,)
+    ).fetchall()
+    assert stored_states(pg) == [(USER_A, "S5")]
+    assert runs == [("running",)]
+    assert writes == [("audience_state",)]
+
+
+def test_a_temp_table_named_like_the_run_log_does_not_open_the_guard(
+    pg: psycopg.Connection, s0_user: list[tuple[str, str]]
+) -> None:
+    # The reproduction: a temp derivation_runs with a fake running row (and a token hash the
+    # attacker knows) shadows the real table for unqualified names in an unpinned function.
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
+        as_role(pg, "service_role", derive__run_id=FORGED, derive__run_token="x") as conn,
+    ):
+        conn.execute(
+            "CREATE TEMP TABLE derivation_runs (run_id uuid, job text, status text,"
+            " backend_pid int, lease_expires_at timestamptz, token_sha256 bytea) ON COMMIT DROP"
+        )
+        conn.execute(
+            "INSERT INTO derivation_runs VALUES (%s, 'derive', 'running', pg_backend_pid(),"
+            " now() + interval '1 hour', sha256('x'::bytea))",
+            (FORGED,),
+        )
+        conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
+
+    assert stored_states(pg) == s0_user
+
+
+def test_finishing_needs_the_runs_own_token_and_only_moves_forward(pg: psycopg.Connection) -> None:
+    run_id = start_run(pg)
+
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState), as_role(pg, "service_role") as c:
+        c.execute(
+            "SELECT derive_finish_run(%s, 'not-the-token', 'succeeded', '{}', '{}', NULL, '{}')",
+            (run_id,),
+        )
+    with as_role(pg, "service_role") as conn:
+        conn.execute(
+            "SELECT derive_finish_run(%s, %s, 'failed', '{}', '{}', 'x', '{}')",
+            (run_id, TOKENS[run_id]),
+        )
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState), as_role(pg, "service_role") as c:
+        c.execute(
+            "SELECT derive_finish_run(%s, %s, 'succeeded', '{}', '{}', NULL, '{}')",
+            (run_id, TOKENS[run_id]),
+        )
+
+    row = pg.execute("SELECT status FROM derivation_runs WHERE run_id = %s", (run_id,)).fetchone()
+    assert row == ("failed",)
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT * FROM derive_start_run('derive', 'derive', now(), NULL, NULL, '{}', 60)",
+        f"SELECT derive_heartbeat('{FORGED}', 'x', 60)",
+        f"SELECT derive_finish_run('{FORGED}', 'x', 'succeeded', '{{}}', '{{}}', NULL, '{{}}')",
+        f"SELECT derive_note_write('{FORGED}', 'audience_state')",
+    ],
+)
+def test_client_roles_cannot_call_the_run_functions(
+    pg: psycopg.Connection, role: str, call: str
+) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), as_role(pg, role) as conn:
+        conn.execute(call)
+
+
+def test_every_derive_function_pins_its_search_path_with_pg_temp_last(
+    pg: psycopg.Connection,
+) -> None:
+    rows = pg.execute(
+        "SELECT p.proname, coalesce(array_to_string(p.proconfig, ';'), '') FROM pg_proc p"
+        " WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'derive%%'"
+    ).fetchall()
+
+    unpinned = [
+        name
+        for name, config in rows
+        if not (config.startswith("search_path=pg_catalog, ") and config.endswith(", pg_temp"))
+    ]
+    assert rows
+    assert unpinned == []
+
+
+def test_the_migration_table_forces_row_level_security(pg: psycopg.Connection) -> None:
+    row = pg.execute(
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class"
+        " WHERE oid = 'derive_migrations'::regclass"
+    ).fetchone()
+
+    assert row == (True, True)
+
+
+def test_clients_cannot_choose_the_watermark_of_their_rows(pg: psycopg.Connection) -> None:
+    # A row inserted with an old transaction id would hide from incremental runs.
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+        as_role(pg, "anon") as conn,
+    ):
+        conn.execute(
+            "INSERT INTO audience_events (event_type, event_category, ingest_xid)"
+            " VALUES ('content_view', 'engagement', '1'::xid8)"
+        )
+    with as_role(pg, "anon") as conn:
+        conn.execute(
+            "INSERT INTO audience_events (event_type, event_category)"
+            " VALUES ('content_view', 'engagement')"
+        )
+
+    assert pg.execute("SELECT count(*) FROM audience_events").fetchone() == (1,)
+
+
+def test_a_run_id_that_is_not_a_uuid_is_rejected_cleanly(
+    pg: psycopg.Connection, s0_user: list[tuple[str, str]]
+) -> None:
+    bogus = "-" * 36  # passes a loose [0-9a-f-]{36} check, fails the uuid cast
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
+        as_role(pg, "service_role", derive__run_id=bogus, derive__run_token="") as conn,
+    ):
+        conn.execute("UPDATE audience_state SET current_state = 'S5'")
+
+    assert stored_states(pg) == s0_user
+    assert uuid.UUID(s0_user[0][0])
