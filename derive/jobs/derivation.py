@@ -17,6 +17,7 @@ which users are read. The run holds the job's lease throughout and is logged in
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -354,6 +355,7 @@ def run_derivation(
             "read_snapshot": inputs.snapshot if plan.mode != "users" else None,
         }
         if not dry_run:
+            write_started = time.perf_counter()
 
             def finish(written: WriteResult) -> None:
                 counts["users_changed"] = written.states_written
@@ -361,23 +363,23 @@ def run_derivation(
                 counts["rejections_logged"] = written.validation_fail_rows
                 run.counts.update(counts, states_before=before, states_after=after)
                 run.timings.update(written.timings)
+                run.timings["write"] = round(time.perf_counter() - write_started, 4)
                 run.finish_in(db)
 
-            with run.phase("write"):
-                write_derivation(
-                    db,
-                    run=run,
-                    as_of=as_of,
-                    derived_by=f"derive {__version__}",
-                    rules_version=rules.tag,
-                    states=result.writes,
-                    audit=result.audit,
-                    rejections=result.to_log,
-                    rejected=result.rejected.select("user_id", "reasons_key"),
-                    evaluated=inputs.evaluated,
-                    requests_upto=inputs.requests_upto if plan.mode != "users" else 0,
-                    before_commit=finish,
-                )
+            write_derivation(
+                db,
+                run=run,
+                as_of=as_of,
+                derived_by=f"derive {__version__}",
+                rules_version=rules.tag,
+                states=result.writes,
+                audit=result.audit,
+                rejections=result.to_log,
+                rejected=result.rejected.select("user_id", "reasons_key"),
+                evaluated=inputs.evaluated,
+                requests_upto=inputs.requests_upto if plan.mode != "users" else 0,
+                before_commit=finish,
+            )
     return RunReport(
         run_id=run.run_id,
         as_of=as_of,

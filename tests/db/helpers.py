@@ -95,3 +95,16 @@ def engaged_user(user: int, *, as_of: datetime = AS_OF) -> list[dict[str, Any]]:
         event(user, "video_completion_75", "engagement", ago=timedelta(days=3), as_of=as_of),
         event(user, "long_form_completion", "engagement", ago=timedelta(days=4), as_of=as_of),
     ]
+
+
+def hold_lease(pg: psycopg.Connection, lock: str, *, seconds: int = 600) -> str:
+    """Start a run holding ``lock`` the way every job does (another process's live lease)."""
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        row = pg.execute(
+            "SELECT run_id::text, status FROM derive_start_run(%s, %s, now(), NULL, NULL, '{}', %s)",
+            (lock, lock, seconds),
+        ).fetchone()
+    assert row is not None
+    assert row[1] == "running"
+    return str(row[0])

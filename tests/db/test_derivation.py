@@ -9,12 +9,12 @@ import pytest
 
 from derive.errors import LockBusy
 from derive.io.connect import connect
-from derive.io.runlog import _LOCK_CLASS, lock_key
 from derive.jobs.adopt import adopt
 from tests.db.helpers import (
     AS_OF,
     engaged_user,
     event,
+    hold_lease,
     insert_events,
     run,
     snapshot,
@@ -173,14 +173,14 @@ def test_run_is_logged_with_counts_and_timings(dsn: str, pg: psycopg.Connection)
 def test_overlapping_run_is_skipped_and_changes_nothing(dsn: str, pg: psycopg.Connection) -> None:
     insert_events(pg, engaged_user(1))
     before = snapshot(pg)
-    pg.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_CLASS, lock_key("derive")))
+    holder = hold_lease(pg, "derive")
 
-    with pytest.raises(LockBusy):
+    with pytest.raises(LockBusy, match=holder):
         run(dsn)
 
-    pg.execute("SELECT pg_advisory_unlock_all()")
     assert snapshot(pg) == before
-    assert pg.execute("SELECT status FROM derivation_runs").fetchall() == [("skipped",)]
+    statuses = pg.execute("SELECT status FROM derivation_runs ORDER BY started_at").fetchall()
+    assert statuses == [("running",), ("skipped",)]
 
 
 # -- fail-safes -----------------------------------------------------------------------------------
@@ -263,7 +263,8 @@ def test_state_jump_fires_after_a_silent_superuser_edit(dsn: str, pg: psycopg.Co
     run(dsn)
     _silent_edit(pg, 1, "S5")
 
-    report = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+    # Found by full runs (and --verify); an incremental run reads only candidate users (SPEC §2.10).
+    report = run(dsn, as_of=AS_OF + timedelta(minutes=15), full=True)
 
     assert report.counts["rejected_by_reason"] == {"state_jump": 1}
     ((user, meta),) = system_rows(pg, "validation_fail")

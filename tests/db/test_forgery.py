@@ -12,7 +12,14 @@ import uuid
 import psycopg
 import pytest
 
-from tests.db.test_security import TOKENS, USER_A, as_role, start_run, stored_states, write_state_as_job
+from tests.db.test_security import (
+    TOKENS,
+    USER_A,
+    as_role,
+    start_run,
+    stored_states,
+    write_state_as_job,
+)
 
 FORGED = "11111111-1111-1111-1111-111111111111"
 
@@ -73,9 +80,9 @@ def test_a_forged_write_through_the_start_function_leaves_a_permanent_flagged_ru
         pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
     ) as conn:
         conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            with conn.transaction():  # a savepoint, so the attacker's transaction goes on
-                conn.execute("DELETE FROM derivation_runs WHERE run_id = %s", (run_id,))
+        # In a savepoint, so the attacker's transaction goes on and commits.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+            conn.execute("DELETE FROM derivation_runs WHERE run_id = %s", (run_id,))
 
     runs = pg.execute("SELECT status FROM derivation_runs WHERE run_id = %s", (run_id,)).fetchall()
     writes = pg.execute(
@@ -91,10 +98,7 @@ def test_a_temp_table_named_like_the_run_log_does_not_open_the_guard(
 ) -> None:
     # The reproduction: a temp derivation_runs with a fake running row (and a token hash the
     # attacker knows) shadows the real table for unqualified names in an unpinned function.
-    with (
-        pytest.raises(psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"),
-        as_role(pg, "service_role", derive__run_id=FORGED, derive__run_token="x") as conn,
-    ):
+    with as_role(pg, "service_role", derive__run_id=FORGED, derive__run_token="x") as conn:
         conn.execute(
             "CREATE TEMP TABLE derivation_runs (run_id uuid, job text, status text,"
             " backend_pid int, lease_expires_at timestamptz, token_sha256 bytea) ON COMMIT DROP"
@@ -104,7 +108,15 @@ def test_a_temp_table_named_like_the_run_log_does_not_open_the_guard(
             " now() + interval '1 hour', sha256('x'::bytea))",
             (FORGED,),
         )
-        conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
+        with (
+            pytest.raises(
+                psycopg.errors.InsufficientPrivilege, match="audience_state is derived data"
+            ),
+            conn.transaction(),
+        ):
+            conn.execute(
+                "UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,)
+            )
 
     assert stored_states(pg) == s0_user
 
@@ -112,7 +124,10 @@ def test_a_temp_table_named_like_the_run_log_does_not_open_the_guard(
 def test_finishing_needs_the_runs_own_token_and_only_moves_forward(pg: psycopg.Connection) -> None:
     run_id = start_run(pg)
 
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState), as_role(pg, "service_role") as c:
+    with (
+        pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState),
+        as_role(pg, "service_role") as c,
+    ):
         c.execute(
             "SELECT derive_finish_run(%s, 'not-the-token', 'succeeded', '{}', '{}', NULL, '{}')",
             (run_id,),
@@ -122,7 +137,10 @@ def test_finishing_needs_the_runs_own_token_and_only_moves_forward(pg: psycopg.C
             "SELECT derive_finish_run(%s, %s, 'failed', '{}', '{}', 'x', '{}')",
             (run_id, TOKENS[run_id]),
         )
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState), as_role(pg, "service_role") as c:
+    with (
+        pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState),
+        as_role(pg, "service_role") as c,
+    ):
         c.execute(
             "SELECT derive_finish_run(%s, %s, 'succeeded', '{}', '{}', NULL, '{}')",
             (run_id, TOKENS[run_id]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,12 @@ def derive(*args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "DERIVE_LEASE_SECONDS": str(LEASE)},
     )
+
+
+#: The killed runs' lease: what the next run waits before it takes over.
+LEASE = 2
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
@@ -106,6 +112,7 @@ def test_sigkill_during_write_leaves_everything_as_before_and_next_run_converges
     )
 
     assert snapshot(pg) == before
+    time.sleep(LEASE + 0.5)  # the killed run's lease expires: the next run takes over
     run(dsn)
     with psycopg.connect(second_dsn, autocommit=True) as control:
         insert_events(control, population())
@@ -113,6 +120,9 @@ def test_sigkill_during_write_leaves_everything_as_before_and_next_run_converges
         assert derived(pg) == derived(control)
     statuses = [s for (s,) in pg.execute("SELECT status FROM derivation_runs ORDER BY started_at")]
     assert statuses == ["failed", "succeeded"]
+    error = pg.execute("SELECT error FROM derivation_runs WHERE status = 'failed'").fetchone()
+    assert error is not None
+    assert "lease expired" in error[0]
 
 
 def test_two_runs_started_together_one_succeeds_the_other_exits_75(

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from derive.cli import app
 from derive.errors import LockBusy
 from derive.io.connect import connect
-from derive.io.runlog import _LOCK_CLASS, lock_key
 from derive.jobs.ingest_metrics import ingest_metrics
 from derive.jobs.rollup import JOB, RollupResult, run_rollup
 from derive.metrics_rules import load_metrics_rules
+from tests.db.helpers import hold_lease
 
 RULES = load_metrics_rules()
 USER_A = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -271,13 +271,13 @@ def test_the_newest_fetch_wins_after_a_reingest(
 
 
 def test_an_overlapping_rollup_is_skipped(dsn: str, pg: psycopg.Connection) -> None:
-    with psycopg.connect(dsn, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_CLASS, lock_key(JOB)))
+    hold_lease(pg, JOB)
 
-        with pytest.raises(LockBusy):
-            rollup(dsn)
+    with pytest.raises(LockBusy):
+        rollup(dsn)
 
-    assert pg.execute("SELECT status FROM derivation_runs").fetchall() == [("skipped",)]
+    statuses = pg.execute("SELECT status FROM derivation_runs ORDER BY started_at").fetchall()
+    assert statuses == [("running",), ("skipped",)]
 
 
 def test_tenant_sees_only_its_own_aggregates(
