@@ -94,6 +94,7 @@ def print_run_summary(report: Any) -> None:
     """The one-screen summary of a derivation run."""
     c = report.counts
     head = "dry run (nothing written)" if report.dry_run else f"run {report.run_id}"
+    out.print(f"[bold]{report.headline}[/]", markup=True)
     out.print(
         f"[bold]{head}[/]  as_of {report.as_of.isoformat()}  lookback "
         f"{int(report.lookback.total_seconds() // 86400)}d  rules {report.rules_version}"
@@ -104,9 +105,20 @@ def print_run_summary(report: Any) -> None:
         ["  invalid", sum(invalid.values())],
         *[[f"    {reason}", n] for reason, n in invalid.items()],
         ["  deduplicated", c["events_deduplicated"]],
-        ["  anonymous (not derived)", c["events_anonymous"]],
-        ["  after as_of (ignored)", c["events_future"]],
+        *[
+            [label, c[key]]
+            for label, key in (
+                ("  anonymous (not derived)", "events_anonymous"),
+                ("  after as_of (ignored)", "events_future"),
+            )
+            if c.get(key) is not None  # counted by full runs only
+        ],
         ["users evaluated", c["users_evaluated"]],
+        *[
+            [f"  candidates: {reason}", n]
+            for reason, n in c.get("candidates", {}).items()
+            if reason != "total" and n
+        ],
         [
             "  changed (rows written)" if not report.dry_run else "  would change",
             c["users_changed"],
@@ -151,3 +163,30 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for row in rows:
         t.add_row(*[str(v) for v in row])
     return t
+
+
+def print_verify(result: Any, *, as_json: bool) -> None:
+    """``derive run --verify``: equal, or the differing users (first 20; all with ``--json``)."""
+    rows = result.differences.to_dicts()
+    if as_json:
+        print_json(
+            {
+                "as_of": result.as_of.isoformat(),
+                "users_compared": result.users_compared,
+                "equal": result.equal,
+                "differences": rows,
+            }
+        )
+        return
+    if result.equal:
+        out.print(
+            f"verify as_of {result.as_of.isoformat()}: {result.users_compared} users, stored"
+            " states equal a full run"
+        )
+        return
+    out.print(
+        f"verify as_of {result.as_of.isoformat()}: {len(rows)} of {result.users_compared} users"
+        " differ from a full run" + (" (first 20; --json lists all)" if len(rows) > 20 else "")
+    )
+    columns = list(rows[0])
+    out.print(table("", columns, [[r[c] for c in columns] for r in rows[:20]]))

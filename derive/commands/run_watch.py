@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from derive.commands.common import (
     err,
     print_json,
     print_run_summary,
+    print_verify,
     rules_from,
     timestamp,
     uuids,
@@ -35,27 +35,53 @@ def run_cmd(
         bool, typer.Option("--dry-run", help="Compute and report; write nothing.")
     ] = False,
     user: UsersOpt = None,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Evaluate every user, even when an incremental run could."),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Recompute every user (a full dry run at the last run's as_of unless --as-of is"
+            " given) and compare with what is stored: exit 0 equal, 1 with the differing users.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Derive every user's audience state (S0..S5), score and last event type.
 
-    Reads the lookback window in one query, validates and deduplicates events, applies the
-    fail-safes, climbs the gates from each stored state and applies the retention rules, then
-    writes only the changed states plus one audit event per state step, in one transaction.
-    Exit codes: 0 done, 1 failed, 2 usage error, 75 skipped (another run holds the lock).
+    Incremental once a full run has succeeded: only the users whose output can differ are read
+    (rows the last run did not see, events entering or leaving the window, retention thresholds
+    crossed, rejected users, pending requests); a full run otherwise, or with `--full`, and the
+    summary's first line says why. Validates and deduplicates events, applies the fail-safes,
+    climbs the gates from each stored state and applies the retention rules, then writes only
+    the changed states plus one audit event per state step, in one transaction.
+    Exit codes: 0 done (`--verify`: equal), 1 failed (`--verify`: differences), 2 usage error,
+    75 skipped (another run holds the lock).
     """
     from derive.config import utc_now
+    from derive.errors import UsageError
     from derive.io.database import open_db
-    from derive.jobs.derivation import run_derivation
+    from derive.jobs.derivation import run_derivation, verify_derivation
 
     window = duration(lookback)
     assert window is not None
-    when = timestamp(as_of) or utc_now()
     users = uuids(user)
     loaded = rules_from(rules)
+    if verify:
+        if users or dry_run or full:
+            raise UsageError("--verify compares every user: drop --user, --dry-run and --full")
+        with open_db(dsn) as db:
+            result = verify_derivation(db, lookback=window, rules=loaded, as_of=timestamp(as_of))
+        print_verify(result, as_json=as_json)
+        if not result.equal:
+            raise typer.Exit(1)
+        return
+    when = timestamp(as_of) or utc_now()
     with open_db(dsn) as db:
         report = run_derivation(
-            db, as_of=when, lookback=window, rules=loaded, users=users, dry_run=dry_run
+            db, as_of=when, lookback=window, rules=loaded, users=users, dry_run=dry_run, full=full
         )
     if as_json:
         print_json(report.as_dict())
@@ -65,24 +91,35 @@ def run_cmd(
 
 def watch_cmd(
     debounce: Annotated[
-        str, typer.Option("--debounce", help="Derive once no new event arrived for this long.")
+        str, typer.Option("--debounce", help="Run once no notification arrived for this long.")
     ] = "2s",
+    poll: Annotated[
+        str | None,
+        typer.Option(
+            "--poll",
+            help="Look for new rows this often instead of listening (the fallback when LISTEN"
+            " does not deliver, e.g. behind a transaction-mode pooler).",
+        ),
+    ] = None,
+    max_idle: Annotated[
+        str, typer.Option("--max-idle", help="Run at least this often, even with nothing new.")
+    ] = "15m",
     lookback: Annotated[
         str, typer.Option("--lookback", help=f"Window to read: {DURATION_FORMS}.")
     ] = "120d",
-    max_batch: Annotated[
-        int, typer.Option("--max-batch", min=1, help="Users per derivation run.")
-    ] = 5000,
     rules: RulesOpt = None,
     dsn: DsnOpt = None,
 ) -> None:
-    """Mode B: derive users as their events arrive (LISTEN on the insert trigger's channel).
+    """Mode B: the incremental `derive run`, started as events arrive.
 
-    Batches the notified user ids (debounce) and derives just those users with the same code,
-    lock and audit trail as `derive run`. When a scheduled run holds the lock the batch waits
-    and is retried. Reconnects with backoff when the database goes away and then derives every
-    user with events stamped since it was last listening. SIGTERM or Ctrl-C: finishes the
-    batch in progress, derives what is pending and exits 0.
+    A notification of the insert trigger (or a poll tick) only wakes the watcher; it then asks
+    the database whether anything arrived that the last run did not see, and if so runs the
+    same incremental run as `derive run`: same lease, run log and audit trail. Notifications
+    are untrusted (any role may NOTIFY): their payload is never read, a flood costs at most one
+    probe per debounce interval. When a scheduled run holds the lock, the run is retried with a
+    growing, capped backoff. Reconnects with backoff when the database goes away; nothing needs
+    catching up (the next run finds every row the last one did not see). SIGTERM or Ctrl-C:
+    finishes the run in progress and exits 0.
     """
     import signal
 
@@ -92,17 +129,22 @@ def watch_cmd(
 
     wait = duration(debounce)
     window = duration(lookback)
+    idle = duration(max_idle)
+    every = duration(poll) if poll else None
     assert wait is not None
     assert window is not None
+    assert idle is not None
     watcher = Watcher(
         lambda: resolve_dsn(dsn),
         rules=rules_from(rules),
         lookback=window,
         debounce=wait.total_seconds(),
-        max_batch=max_batch,
+        poll=every.total_seconds() if every else None,
+        max_idle=idle.total_seconds(),
         log=lambda line: err.print(f"{utc_now():%Y-%m-%dT%H:%M:%SZ} {line}", markup=False),
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: watcher.stop())
     stats = watcher.run()
-    err.print(f"stopped: {json.dumps(stats.as_dict())}", markup=False)
+    summary = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.as_dict().items())
+    err.print(f"stopped: {summary}", markup=False)

@@ -171,15 +171,20 @@ SELECT EXISTS (SELECT 1 FROM audience_events e
                 WHERE c.xid >= pg_snapshot_xmin($1::pg_snapshot)
                   AND NOT pg_visible_in_snapshot(c.xid, $1::pg_snapshot))
     OR EXISTS (SELECT 1 FROM derive_requests q WHERE q.status = 'pending')
+    -- rows the base saw but stamped after its as_of (inserted between its clock and its read)
+    OR EXISTS (SELECT 1 FROM audience_events e
+                WHERE e.created_at > $2 AND e.created_at <= clock_timestamp()
+                  AND e.user_id IS NOT NULL AND e.event_category <> 'system')
 """
 
 
 def anything_new(db: Db, base: BaseRun | None) -> bool:
-    """Whether rows or requests arrived that ``base`` did not see (always true without a base).
+    """Whether rows or requests arrived that ``base`` did not see, or rows entered the window
+    since (always true without a base).
 
-    Two index probes: what the watcher asks before it spends a run on a wake-up.
+    Index probes: what the watcher asks before it spends a run on a wake-up.
     """
     if base is None or base.read_snapshot is None:
         return True
     with db.transaction(role="service_role"):
-        return bool(db.fetch_value(_ANYTHING_NEW_SQL, (base.read_snapshot,)))
+        return bool(db.fetch_value(_ANYTHING_NEW_SQL, (base.read_snapshot, base.as_of)))

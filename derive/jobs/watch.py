@@ -233,8 +233,10 @@ class Watcher:
                 self._stop.wait(timeout)
                 assert self.poll is not None
                 if time.monotonic() - last_poll >= self.poll:
+                    # A poll tick is due at once: the debounce is for bursts of notifications.
                     last_poll = time.monotonic()
                     self._wake(last_poll)
+                    self._last_wake = last_poll - self.debounce
 
     def _run_once(self) -> bool:
         """Probe, then run the incremental derivation; ``True`` when a run succeeded or was not needed."""

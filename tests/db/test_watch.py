@@ -6,7 +6,6 @@ tests kill its connections or restart an embedded PostgreSQL of their own, never
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from derive.errors import SourceError
 from derive.io.connect import connect
 from derive.io.embedded import ensure_server, stop_server
 from derive.io.migrate import migrate
-from derive.io.notify import CHANNEL, users_with_events_since
+from derive.io.notify import CHANNEL
 from derive.io.runlog import job_run
 from derive.jobs.derivation import JOB
 from derive.jobs.watch import Backoff, Watcher
@@ -120,85 +119,56 @@ def wait_for_state(dsn: str, user: uuid.UUID, *, timeout: float = 30) -> float:
     raise AssertionError(f"user {user} was not derived within {timeout}s")
 
 
-def runs_for(pg: psycopg.Connection, user: uuid.UUID) -> list[str]:
-    """Statuses of the derive runs whose user list names ``user``, oldest first."""
-    rows = pg.execute(
-        "SELECT status FROM derivation_runs WHERE job = %s AND args -> 'users' ? %s"
-        " ORDER BY started_at",
-        (JOB, str(user)),
+def runs(pg: psycopg.Connection) -> list[tuple[str, str | None]]:
+    """(status, mode) of the derive runs, oldest first."""
+    return pg.execute(
+        "SELECT status, mode FROM derivation_runs WHERE job = %s ORDER BY started_at", (JOB,)
     ).fetchall()
-    return [r[0] for r in rows]
 
 
 def holder_now(pg: psycopg.Connection) -> object:
     return pg.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
 
 
+def stopped_stats(watch: Watch) -> dict[str, str]:
+    """The watcher's closing line, ``stopped: key value, ...``, as a dict."""
+    line = watch.lines[-1].removeprefix("stopped: ")
+    return dict(part.rsplit(" ", 1) for part in line.split(", "))
+
+
 # -- the trigger ---------------------------------------------------------------------------------------
 
 
-def test_trigger_notifies_distinct_users_in_chunks_below_the_payload_limit(
+def listen(dsn: str) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"LISTEN {CHANNEL}")
+    return conn
+
+
+def test_trigger_wakes_once_per_insert_statement_without_naming_users(
     dsn: str, pg: psycopg.Connection
 ) -> None:
-    users = [uuid.UUID(int=n) for n in range(1, 451)]
-    listener = psycopg.connect(dsn, autocommit=True)
-    listener.execute(f"LISTEN {CHANNEL}")
+    with listen(dsn) as listener:
+        with pg.cursor() as cur:
+            cur.execute(
+                "INSERT INTO audience_events (user_id, event_type, event_category)"
+                " SELECT gen_random_uuid(), 'content_view', 'engagement' FROM generate_series(1, 500)"
+            )
+        notes = [n.payload for n in listener.notifies(timeout=1.0)]
 
-    with pg.cursor() as cur:
-        cur.execute(
-            "INSERT INTO audience_events (user_id, event_type, event_category)"
-            " SELECT u, 'content_view', 'engagement' FROM unnest(%s::uuid[]) u,"
-            " generate_series(1, 2)"
-            " UNION ALL SELECT NULL, 'content_view', 'engagement'"
-            " UNION ALL SELECT %s, 'state_change_logged', 'system'",
-            (users, uuid.UUID(int=999)),
-        )
-    payloads = [n.payload for n in listener.notifies(timeout=2.0)]
-    listener.close()
-
-    assert len(payloads) == 3
-    assert max(len(p.encode()) for p in payloads) < 8000
-    received = [u for p in payloads for u in p.split(",")]
-    assert sorted(received) == sorted(str(u) for u in users)
+    assert notes == [""]
 
 
 def test_system_and_anonymous_rows_notify_nothing(dsn: str, pg: psycopg.Connection) -> None:
-    listener = psycopg.connect(dsn, autocommit=True)
-    listener.execute(f"LISTEN {CHANNEL}")
-
-    pg.execute(
-        "INSERT INTO audience_events (user_id, event_type, event_category)"
-        " VALUES (NULL, 'content_view', 'engagement'), (%s, 'validation_fail', 'system')",
-        (uuid.UUID(int=5),),
-    )
-    payloads = [n.payload for n in listener.notifies(timeout=1.0)]
-    listener.close()
-
-    assert payloads == []
-
-
-def test_catch_up_finds_users_with_events_stamped_at_or_after_the_mark(
-    dsn: str, pg: psycopg.Connection
-) -> None:
-    mark = pg.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
-    rows = [
-        (uuid.UUID(int=1), mark - timedelta(microseconds=1), "engagement"),
-        (uuid.UUID(int=2), mark, "engagement"),
-        (uuid.UUID(int=3), mark + timedelta(seconds=1), "engagement"),
-        (uuid.UUID(int=4), mark + timedelta(seconds=1), "system"),
-        (None, mark + timedelta(seconds=1), "engagement"),
-    ]
-    with pg.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO audience_events (user_id, created_at, event_type, event_category)"
-            " VALUES (%s, %s, 'content_view', %s)",
-            rows,
+    with listen(dsn) as listener:
+        pg.execute(
+            "INSERT INTO audience_events (user_id, event_type, event_category)"
+            " VALUES (NULL, 'content_view', 'engagement'),"
+            " (gen_random_uuid(), 'state_change_logged', 'system')"
         )
+        notes = list(listener.notifies(timeout=0.5))
 
-    with connect(dsn) as db:
-        result = users_with_events_since(db, mark)
-
-    assert result == {str(uuid.UUID(int=2)), str(uuid.UUID(int=3))}
+    assert notes == []
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
@@ -219,45 +189,78 @@ def test_watch_derives_a_user_within_seconds_of_an_insert(
     dsn: str, pg: psycopg.Connection, watch_factory: Callable[..., Watch]
 ) -> None:
     watch = watch_factory("--dsn", dsn)
-    watch.wait_for_line("listening on")
+    first = watch.wait_for_line("full run (no base run)")  # the start: nothing to build on yet
     user = uuid.UUID(int=0xA1)
 
     inserted = insert_view(dsn, user)
     derived = wait_for_state(dsn, user, timeout=15)
+    watch.wait_for_line("incremental run", after=first)
     code = watch.terminate()
 
-    assert derived - inserted < 5.0  # debounce 1 s + one small derivation
+    assert derived - inserted < 10.0  # debounce 1 s + one small incremental run (figure: benchmarks)
     assert code == 0
-    assert runs_for(pg, user) == ["succeeded"]
-    stats = json.loads(watch.lines[-1].removeprefix("stopped: "))
-    assert stats["users_derived"] == 1
-    assert stats["pending_at_exit"] == 0
+    assert runs(pg) == [("succeeded", "full"), ("succeeded", "incremental")]
+    assert stopped_stats(watch)["runs"] == "2"
 
 
-def test_watch_waits_while_a_scheduled_run_holds_the_lock_and_derives_once(
+def test_a_flood_of_garbage_notifications_costs_no_run_and_real_inserts_still_arrive(
     dsn: str, pg: psycopg.Connection, watch_factory: Callable[..., Watch]
 ) -> None:
     watch = watch_factory("--dsn", dsn)
-    watch.wait_for_line("listening on")
+    watch.wait_for_line("full run (no base run)")
+    with psycopg.connect(dsn, autocommit=True) as anon:
+        anon.execute("SET ROLE anon")
+        anon.execute("SELECT pg_notify(%s, 'not-a-uuid')", (CHANNEL,))
+        for _ in range(10):  # 100k notifications in all, 10k per transaction
+            with anon.transaction():
+                anon.execute(
+                    "SELECT pg_notify(%s, gen_random_uuid()::text || ',' || g::text)"
+                    " FROM generate_series(1, 10000) g",
+                    (CHANNEL,),
+                )
+    time.sleep(3)
+    during_flood = runs(pg)
+    user = uuid.UUID(int=0xA2)
+    inserted = insert_view(dsn, user)
+    derived = wait_for_state(dsn, user, timeout=15)
+    code = watch.terminate()
+
+    stats = stopped_stats(watch)
+    assert during_flood == [("succeeded", "full")]  # garbage woke it; the probe found nothing
+    assert derived - inserted < 10.0
+    assert code == 0
+    assert stats["reconnects"] == "0"
+    assert stats["failed runs"] == "0"
+    assert int(stats["foreign payloads"]) >= 100_001
+    assert runs(pg)[-1] == ("succeeded", "incremental")
+
+
+def test_watch_waits_while_a_scheduled_run_holds_the_lock_and_then_runs(
+    dsn: str, pg: psycopg.Connection, watch_factory: Callable[..., Watch]
+) -> None:
+    watch = watch_factory("--dsn", dsn)
+    start = watch.wait_for_line("full run (no base run)")
     user = uuid.UUID(int=0xB2)
 
-    with connect(dsn) as holder, job_run(holder, job=JOB, as_of=holder_now(pg), record=False):
+    with connect(dsn) as holder, job_run(holder, job=JOB, as_of=holder_now(pg)) as held:
         insert_view(dsn, user)
-        watch.wait_for_line("holds the lock", timeout=30)
+        watch.wait_for_line("holds the lock", after=start, timeout=30)
         time.sleep(1.5)
-        during = pg.execute("SELECT count(*) FROM audience_state").fetchone()
+        during = pg.execute(
+            "SELECT count(*) FROM audience_state WHERE user_id = %s", (user,)
+        ).fetchone()
+        held.extra = {"mode": "users"}  # the holder derives nothing: not a base
     wait_for_state(dsn, user, timeout=60)
     code = watch.terminate()
 
     assert during == (0,)
-    statuses = runs_for(pg, user)
-    assert statuses.count("succeeded") == 1
-    assert set(statuses) == {"skipped", "succeeded"}
+    statuses = [status for status, _ in runs(pg)]
+    assert "skipped" in statuses
     assert statuses[-1] == "succeeded"
     assert code == 0
 
 
-def test_watch_catches_up_on_events_inserted_while_it_was_disconnected(
+def test_watch_finds_rows_inserted_while_it_was_disconnected_whatever_their_created_at(
     dsn: str, pg: psycopg.Connection
 ) -> None:
     outage = threading.Event()
@@ -267,9 +270,7 @@ def test_watch_catches_up_on_events_inserted_while_it_was_disconnected(
             raise SourceError("simulated outage")
         return dsn
 
-    watcher = Watcher(
-        dsn_source, rules=load_rules(), lookback=timedelta(days=120), debounce=0.2, heartbeat=0.5
-    )
+    watcher = Watcher(dsn_source, rules=load_rules(), lookback=timedelta(days=120), debounce=0.2)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
     before, during = uuid.UUID(int=0xC1), uuid.UUID(int=0xC2)
@@ -284,8 +285,12 @@ def test_watch_catches_up_on_events_inserted_while_it_was_disconnected(
     deadline = time.monotonic() + 15
     while watcher.stats.reconnects == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    insert_view(dsn, during)  # nobody listens: only the catch-up can find it
-    time.sleep(0.5)
+    # Nobody listens; back-dated by a day, which no created_at catch-up would find.
+    pg.execute(
+        "INSERT INTO audience_events (created_at, user_id, session_id, event_type, event_category)"
+        " VALUES (now() - interval '1 day', %s, 's1', 'scroll_depth_75', 'engagement')",
+        (during,),
+    )
     outage.clear()
     wait_for_state(dsn, during, timeout=60)
     watcher.stop()
@@ -293,8 +298,31 @@ def test_watch_catches_up_on_events_inserted_while_it_was_disconnected(
 
     assert not thread.is_alive()
     assert watcher.stats.reconnects >= 1
-    assert watcher.stats.caught_up >= 1
-    assert runs_for(pg, during) == ["succeeded"]
+
+
+def test_watch_polls_with_poll(
+    dsn: str, pg: psycopg.Connection, watch_factory: Callable[..., Watch]
+) -> None:
+    watch = watch_factory("--dsn", dsn, "--poll", "1s")
+    watch.wait_for_line("polling")
+    user = uuid.UUID(int=0xE1)
+    with pg.transaction():
+        pg.execute("SELECT set_config('derive.notify', 'off', true)")  # no notification at all
+        insert_view_on(pg, user)
+
+    wait_for_state(dsn, user, timeout=30)
+    code = watch.terminate()
+
+    assert code == 0
+    assert stopped_stats(watch)["polling"] == "True"
+
+
+def insert_view_on(conn: psycopg.Connection, user: uuid.UUID) -> None:
+    conn.execute(
+        "INSERT INTO audience_events (user_id, session_id, event_type, event_category)"
+        " VALUES (%s, 's1', 'scroll_depth_75', 'engagement')",
+        (user,),
+    )
 
 
 @pytest.fixture
@@ -324,7 +352,7 @@ def test_watch_recovers_after_a_postgresql_restart(
     watch.wait_for_line("listening on", timeout=120)
     first, second = uuid.UUID(int=0xD1), uuid.UUID(int=0xD2)
     insert_view(dsn, first)
-    wait_for_state(dsn, first, timeout=15)
+    wait_for_state(dsn, first, timeout=60)
 
     stop_server(home)
     lost = watch.wait_for_line("database unavailable", timeout=30)
@@ -337,7 +365,7 @@ def test_watch_recovers_after_a_postgresql_restart(
     assert derived - inserted < 10.0
     assert code == 0
     with psycopg.connect(dsn) as conn:
-        assert runs_for(conn, second) == ["succeeded"]
+        assert runs(conn)[-1] == ("succeeded", "incremental")
 
 
 def test_watch_refuses_an_unmigrated_database(
