@@ -101,3 +101,12 @@ def test_prune_runs_nightly() -> None:
     assert "Unit=derive-prune.service" in result["derive-prune.timer"]
     assert "ExecStart=/opt/derive/bin/derive prune" in result["derive-prune.service"]
     assert "SuccessExitStatus=75" in result["derive-prune.service"]
+
+
+def test_the_crontab_verifies_nightly() -> None:
+    result = schedule_units(executable="/usr/local/bin/derive")
+
+    lines = result["crontab"].splitlines()
+
+    assert lines[3].startswith("30 4 * * * set -a")  # after the nightly prune
+    assert lines[3].endswith("derive run --lookback 120d --verify >> /var/log/derive/run.log 2>&1")

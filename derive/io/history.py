@@ -39,7 +39,16 @@ SELECT r.run_id::text AS run_id,
        r.finished_at,
        extract(epoch FROM coalesce(r.finished_at, clock_timestamp()) - r.started_at)::float8
          AS seconds,
-       CASE WHEN {_USERS} > 0 THEN {_USERS} || ' users' ELSE 'all' END AS scope,
+       CASE WHEN r.mode = 'incremental'
+            THEN 'incremental: ' || coalesce({bigint_at("(r.counts -> 'candidates')", "total")}, 0)
+                 || ' users'
+            WHEN r.mode = 'full' THEN 'full'
+            WHEN {_USERS} > 0 THEN {_USERS} || ' users'
+            ELSE 'all' END AS scope,
+       r.mode,
+       r.full_reason,
+       r.base_run_id::text AS base_run_id,
+       r.read_snapshot::text AS watermark,
        {bigint_at("r.counts", "users_changed")} AS users_changed,
        {bigint_at("r.counts", "users_rejected")} AS users_rejected,
        r.error
@@ -83,6 +92,10 @@ _RUN_COLUMNS = {
     "finished_at": pl.Datetime("us", "UTC"),
     "seconds": pl.Float64(),
     "scope": pl.String(),
+    "mode": pl.String(),
+    "full_reason": pl.String(),
+    "base_run_id": pl.String(),
+    "watermark": pl.String(),
     "users_changed": pl.Int64(),
     "users_rejected": pl.Int64(),
     "error": pl.String(),
@@ -91,6 +104,26 @@ _RUN_COLUMNS = {
 
 def _frame(rows: list[tuple[Any, ...]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+# Runs that wrote audience_state (the guard records every such statement) but never finished:
+# derive's own runs finish in the write transaction, so only a write outside its protocol (a
+# forgery by a service_role holder, or a manual write under a hand-started run) leaves these.
+_UNFINISHED_WRITERS = """
+SELECT w.run_id::text, r.job, r.status, r.started_by, w.first_at
+  FROM derive_run_writes w
+  JOIN derivation_runs r ON r.run_id = w.run_id
+ WHERE r.status <> 'succeeded'
+   AND (r.status <> 'running' OR r.lease_expires_at < clock_timestamp())
+ ORDER BY w.first_at DESC
+ LIMIT 20
+"""
+
+
+def unfinished_writers(db: Db) -> list[tuple[str, str, str, str, datetime]]:
+    """(run_id, job, status, started_by, first write) of runs that wrote and never finished."""
+    with db.transaction(role="service_role"):
+        return [tuple(row) for row in db.fetch_all(_UNFINISHED_WRITERS)]
 
 
 def server_now(db: Db) -> datetime:

@@ -210,6 +210,12 @@ def collect_status(
     stored = history.state_distribution(db)
     states = {s: stored.get(s, 0) for s in STATES}
     rejections = history.rejections_by_reason(db, now=now)
+    flagged = [
+        f"run {run_id} ({job}, {status}, started by {who}) wrote audience_state at"
+        f" {first.isoformat()} and never finished: a write outside derive's own protocol"
+        " (forged or manual); check the states it touched with `derive run --verify`"
+        for run_id, job, status, who, first in history.unfinished_writers(db)
+    ]
     return StatusReport(
         database=db.label,
         now=now,
@@ -218,7 +224,7 @@ def collect_status(
         jobs=jobs,
         states=states,
         rejections=rejections,
-        problems=problems(jobs, now=now, max_lags=lags),
+        problems=[*flagged, *problems(jobs, now=now, max_lags=lags)],
     )
 
 

@@ -328,6 +328,8 @@ def schedule_units(
         f"# derive: audience-state derivation every {format_duration(every)} (exit 75 = skipped,"
         " another run held the lock)\n"
         f"{cron_when} set -a && . {env_file} && set +a && {command} >> {log_file} 2>&1\n"
+        "# nightly: a full dry run compared with the stored states (exit 1 lists differing users)\n"
+        f"30 4 * * * set -a && . {env_file} && set +a && {command} --verify >> {log_file} 2>&1\n"
     )
     service = f"""[Unit]
 Description=derive: audience-state derivation (one run)

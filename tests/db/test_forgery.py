@@ -7,11 +7,13 @@ shadowing derive's tables with temp tables, or rewriting the run log.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import psycopg
 import pytest
 
+from tests.cli import derive
 from tests.db.test_security import (
     TOKENS,
     USER_A,
@@ -224,3 +226,23 @@ def test_a_run_id_that_is_not_a_uuid_is_rejected_cleanly(
 
     assert stored_states(pg) == s0_user
     assert uuid.UUID(s0_user[0][0])
+
+
+def test_status_flags_a_run_that_wrote_and_never_finished(
+    dsn: str, pg: psycopg.Connection, s0_user: list[tuple[str, str]]
+) -> None:
+    run_id = start_run(pg)
+    with as_role(
+        pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+    ) as conn:
+        conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
+    pg.execute(
+        "UPDATE derivation_runs SET lease_expires_at = now() - interval '1 s' WHERE run_id = %s",
+        (run_id,),
+    )
+
+    result = derive("status", "--dsn", dsn, "--json", "--check")
+
+    problems = json.loads(result.stdout)["problems"]
+    assert result.returncode == 1
+    assert any(run_id in p and "never finished" in p for p in problems), problems

@@ -60,7 +60,7 @@ def test_status_is_healthy_after_a_successful_run(dsn: str, pg: psycopg.Connecti
     assert isinstance(runs, list)
     assert [r["status"] for r in runs] == ["succeeded"]
     assert runs[0]["users_changed"] == 1
-    assert runs[0]["scope"] == "all"
+    assert runs[0]["scope"] == "full"
 
 
 def test_status_reflects_a_failed_run_and_exits_non_zero(dsn: str, pg: psycopg.Connection) -> None:
@@ -159,7 +159,7 @@ def test_a_skipped_run_is_not_a_failure(dsn: str, pg: psycopg.Connection) -> Non
     successful_run(dsn, pg)
     with (
         connect(dsn) as holder,
-        job_run(holder, job=JOB, as_of=NOW, record=False),
+        job_run(holder, job=JOB, as_of=NOW),
         pytest.raises(LockBusy),
     ):
         run(dsn, as_of=NOW)
@@ -169,7 +169,7 @@ def test_a_skipped_run_is_not_a_failure(dsn: str, pg: psycopg.Connection) -> Non
     assert code == 0
     runs = payload["runs"]
     assert isinstance(runs, list)
-    assert [r["status"] for r in runs] == ["skipped", "succeeded"]
+    assert [r["status"] for r in runs] == ["skipped", "succeeded", "succeeded"]
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,9 @@ def test_watch_derives_a_user_within_seconds_of_an_insert(
     watch.wait_for_line("incremental run", after=first)
     code = watch.terminate()
 
-    assert derived - inserted < 10.0  # debounce 1 s + one small incremental run (figure: benchmarks)
+    assert (
+        derived - inserted < 10.0
+    )  # debounce 1 s + one small incremental run (figure: benchmarks)
     assert code == 0
     assert runs(pg) == [("succeeded", "full"), ("succeeded", "incremental")]
     assert stopped_stats(watch)["runs"] == "2"
