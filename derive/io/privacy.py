@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow as pa
 
 from derive.io.connect import Db
+from derive.io.runlog import Run
 
 SUBJECT = "current_setting('derive.subject')::uuid"
 SubjectKind = Literal["user", "prospect"]
@@ -31,8 +32,10 @@ class Selection:
 
     Attributes:
         where: predicate over the table aliased ``t``.
-        erase: ``delete`` the rows, or ``scrub`` (``derivation_runs``: the run stays, the id in its
-            ``args.users`` is replaced by ``"erased"`` so the run keeps its scope).
+        erase: ``delete`` the rows, or ``definer``: tables service_role may not write, cleared
+            by ``derive_erase_references`` for a running erase (``derivation_runs``: the run
+            stays, the id in its ``args.users`` is replaced by ``"erased"`` so the run keeps its
+            scope; ``audience_event_changes``: the person's change-set rows go).
         order_by: columns that give the export a stable row order.
         withheld: columns never exported (keys, not data about the person).
         exported_as: column -> SQL expression replacing it in the export.
@@ -41,7 +44,7 @@ class Selection:
     table: str
     where: str
     order_by: str
-    erase: Literal["delete", "scrub"] = "delete"
+    erase: Literal["delete", "definer"] = "delete"
     withheld: tuple[str, ...] = ()
     exported_as: dict[str, str] = field(default_factory=dict)
 
@@ -84,12 +87,16 @@ USER: tuple[Selection, ...] = (
     Selection("ingestion_sessions", f"t.user_id = {SUBJECT}", "t.started_at, t.id"),
     Selection("prospects", f"t.user_id = {SUBJECT}", "t.id"),
     Selection("users", f"t.id = {SUBJECT}", "t.id", withheld=("attribution_salt",)),
+    Selection("derive_rejected_users", f"t.user_id = {SUBJECT}", "t.user_id"),
+    Selection("derive_requests", f"t.user_id = {SUBJECT}", "t.id"),
+    # After the events: deleting them records the person in the change set once more.
+    Selection("audience_event_changes", f"t.user_id = {SUBJECT}", "t.changed_at", erase="definer"),
     # Runs given the id with --user: the run row stays (it is the job's log), the id goes.
     Selection(
         "derivation_runs",
         f"t.args -> 'users' ? ({SUBJECT})::text",
         "t.started_at, t.run_id",
-        erase="scrub",
+        erase="definer",
         exported_as={
             "args": f"jsonb_set(t.args, '{{users}}', jsonb_build_array(({SUBJECT})::text))"
         },
@@ -230,13 +237,7 @@ UPDATE prospect_touchpoints o
    SET attributed_to_touchpoint_id = NULL
  WHERE o.attributed_to_touchpoint_id IN (SELECT t.id FROM prospect_touchpoints t WHERE """
 
-_SCRUB_RUNS = f"""
-UPDATE derivation_runs t
-   SET args = jsonb_set(t.args, '{{users}}', (
-         SELECT jsonb_agg(CASE WHEN e.u = to_jsonb(({SUBJECT})::text) THEN '"erased"'::jsonb
-                               ELSE e.u END ORDER BY e.o)
-           FROM jsonb_array_elements(t.args -> 'users') WITH ORDINALITY AS e(u, o)))
- WHERE """
+_ERASE_REFERENCES = f"SELECT derive_erase_references($1::uuid, $2, ({SUBJECT}), $3)"
 
 _SUBJECT_ERASED = """
 INSERT INTO audience_events (user_id, event_type, event_category, event_source, metadata)
@@ -251,7 +252,7 @@ VALUES (NULL, 'subject_erased', 'system', 'derive',
 
 
 def delete_subject(
-    db: Db, *, kind: SubjectKind, subject: str, run_id: str, derived_by: str
+    db: Db, *, kind: SubjectKind, subject: str, run: Run, derived_by: str
 ) -> dict[str, int]:
     """Delete (or scrub) every row about the subject in ONE transaction; return rows per table.
 
@@ -263,14 +264,16 @@ def delete_subject(
     counts: dict[str, int] = {}
     with db.transaction():
         begin_subject(db, subject=subject, read_only=False)
-        db.set_local(run_id=run_id)
+        run.mark(db)
         for selection in SELECTIONS[kind]:
             if readable(db, selection.table) is None:
                 continue
             if selection.table == "prospect_touchpoints":
                 db.execute(f"{_UNLINK_TOUCHPOINTS}{selection.where})")
-            if selection.erase == "scrub":
-                counts[selection.table] = _count(db, _SCRUB_RUNS + selection.where)
+            if selection.erase == "definer":
+                counts[selection.table] = int(
+                    db.fetch_value(_ERASE_REFERENCES, (run.run_id, run.token, selection.table))
+                )
             else:
                 counts[selection.table] = _count(
                     db, f"DELETE FROM {selection.table} t WHERE {selection.where}"

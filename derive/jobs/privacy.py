@@ -226,7 +226,7 @@ def erase_subject(
                 db,
                 kind=kind,
                 subject=str(subject),
-                run_id=run.run_id,
+                run=run,
                 derived_by=f"derive {__version__}",
             )
         run.counts.update(
