@@ -319,7 +319,12 @@ BEGIN
                FROM jsonb_array_elements(t.args -> 'users') WITH ORDINALITY AS e(u, o)))
      WHERE jsonb_typeof(t.args -> 'users') = 'array' AND t.args -> 'users' ? p_user::text;
   ELSIF p_what = 'audience_event_changes' THEN
+    -- Counted: the rows that were there; not counted: those this erase's own deletes just added.
+    DELETE FROM audience_event_changes c
+     WHERE c.user_id = p_user AND c.xid <> pg_current_xact_id();
+    GET DIAGNOSTICS v_n = ROW_COUNT;
     DELETE FROM audience_event_changes c WHERE c.user_id = p_user;
+    RETURN v_n;
   ELSE
     RAISE EXCEPTION 'derive_erase_references: unknown table %', p_what
       USING ERRCODE = 'invalid_parameter_value';
