@@ -17,13 +17,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from benchmarks import writepath
 from benchmarks.child import Run, figure, run_json
 from derive.io.connect import connect
 
@@ -183,10 +186,26 @@ def measure(dsn: str, *, scale: str) -> list[dict[str, Any]]:
             db.execute("TRUNCATE attribution_credits")
             db.execute("VACUUM ANALYZE attribution_credits")
         first.append(run_once(dsn))
+    last = first[-1][2]
+    with tempfile.TemporaryDirectory() as scratch:
+        write = writepath.measure_table(
+            dsn,
+            writepath.Step(
+                "attribution credits (first run)",
+                "attribution_credits",
+                "run_id = %s::uuid",
+                ("write",),
+            ),
+            last["run_id"],
+            last["timings"],
+            Path(scratch),
+            repeat=REPEAT,
+        )
     again = [run_once(dsn) for _ in range(REPEAT)]
     return [
         _figure("attribution --model all, first run (all credits new)", rows, first),
         _figure("attribution --model all, re-run (nothing changed)", rows, again),
+        {"case": "write path", "write": write},
     ]
 
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from benchmarks import writepath
 from benchmarks.child import Run, figure, run_json
 from derive.io.connect import connect
 from derive.metrics_rules import load_metrics_rules
@@ -115,9 +118,16 @@ def load(dsn: str, scale: str) -> int:
     return metrics.height
 
 
-def run_once(dsn: str, as_of: datetime) -> Run:
+def run_once(dsn: str, as_of: datetime, *, full: bool = False) -> Run:
     """One ``derive rollup`` child: (seconds, peak RSS MiB, its JSON report)."""
-    return run_json("rollup", "--dsn", dsn, "--as-of", as_of.isoformat(), "--json")
+    flags = ["--full"] if full else []
+    return run_json("rollup", "--dsn", dsn, "--as-of", as_of.isoformat(), "--json", *flags)
+
+
+def _vacuum(dsn: str) -> None:
+    """What autovacuum would have done before the next scheduled rollup."""
+    with connect(dsn, autocommit=True) as db:
+        db.execute("VACUUM ANALYZE metric_aggregates")
 
 
 def _reset(dsn: str) -> None:
@@ -134,7 +144,9 @@ def _figure(case: str, rows: int, runs: list[Run]) -> dict[str, Any]:
         runs,
         f"sources read {counts['sources_read']:,}; inserted {counts['inserted']:,}, "
         f"recomputed {counts['recomputed']:,}, refreshed {counts['refreshed']:,}, "
-        f"final {counts['final']:,}, mixed currency {counts['not_aggregated_mixed_currency']:,}",
+        f"removed {counts['removed']:,}, identical re-fetches {counts['refreshed_refetched_identical']:,},"
+        f" final {counts['final']:,}, mixed currency {counts['not_aggregated_mixed_currency']:,}"
+        f" ({counts['mode']})",
     )
 
 
@@ -142,19 +154,37 @@ def measure(dsn: str, *, scale: str) -> list[dict[str, Any]]:
     """Load the scale's surface metrics into the (migrated, empty) database and time the job."""
     rows = load(dsn, scale)
     first = []
+    # --full: after the truncation the previous run is no base (a first run reads everything).
     for _ in range(REPEAT):
         _reset(dsn)
-        first.append(run_once(dsn, AS_OF))
+        first.append(run_once(dsn, AS_OF, full=True))
+    with tempfile.TemporaryDirectory() as scratch:
+        write = writepath.measure_table(
+            dsn,
+            writepath.Step(
+                "metric aggregates (first run)",
+                "metric_aggregates",
+                "%s::text IS NOT NULL",
+                ("write",),
+            ),
+            first[-1][2]["run_id"],
+            first[-1][2]["timings"],
+            Path(scratch),
+            repeat=REPEAT,
+        )
+    _vacuum(dsn)
     steady = [run_once(dsn, AS_OF) for _ in range(REPEAT)]
     next_day = []
     for _ in range(REPEAT):
         _reset(dsn)
-        run_once(dsn, AS_OF)
+        run_once(dsn, AS_OF, full=True)
+        _vacuum(dsn)
         next_day.append(run_once(dsn, NEXT_DAY))
     return [
         _figure("rollup, first run (every aggregate new)", rows, first),
-        _figure("rollup, steady state (same as_of, nothing due)", rows, steady),
-        _figure("rollup, next day (all due; 1 % of keys with new fetches)", rows, next_day),
+        _figure("rollup, steady state (same as_of, incremental: nothing new)", rows, steady),
+        _figure("rollup, next day (incremental; all due, 1 % of keys new fetches)", rows, next_day),
+        {"case": "write path", "write": write},
     ]
 
 

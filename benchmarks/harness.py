@@ -863,7 +863,11 @@ def measure_scale(
 
     result.load_avg = (load_at_start, os.getloadavg()[0])
     if with_others:
-        result.others = measure_others(server, scale, names)
+        others = measure_others(server, scale, names)
+        # A row carrying "write" is a bulk write of that job against its plain COPY: it goes to
+        # the write-path table with the derive run's own writes.
+        result.writes.extend(row["write"] for row in others if "write" in row)
+        result.others = [row for row in others if "write" not in row]
     return result
 
 

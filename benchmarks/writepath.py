@@ -181,3 +181,62 @@ def measure(
                 figure.bare_seconds.append(plain_copy(fresh_dsn, item, indexes=False))
         figures.append(figure)
     return figures
+
+
+def measure_table(
+    dsn: str,
+    step: Step,
+    key: str,
+    timings: dict[str, float],
+    directory: Path,
+    *,
+    repeat: int,
+) -> WriteFigure:
+    """One job's bulk write (rows of ``step``, selected with ``key``) against a plain COPY.
+
+    For the jobs whose first run fills an empty table (attribution_credits, metric_aggregates):
+    the rows are exported, then copied back after a ``TRUNCATE`` inside a transaction that is
+    rolled back (the table keeps its rows for the next cases), as the table is (indexes and
+    constraints kept) and with its indexes dropped.
+    """
+    [item] = _export_steps(dsn, [step], key, directory)
+    timing, seconds = job_seconds(step, timings)
+    figure = WriteFigure(step.name, step.table, item.rows, seconds, timing, step_rows=item.rows)
+    for _ in range(repeat if item.rows else 0):
+        for indexes, into in ((True, figure.indexed_seconds), (False, figure.bare_seconds)):
+            with psycopg.connect(dsn) as conn:
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute(f"TRUNCATE {step.table}")
+                if not indexes:
+                    _drop_indexes(conn, step.table)
+                statement = (
+                    f"COPY {step.table} ({', '.join(item.columns)}) FROM STDIN (FORMAT binary)"
+                )
+                with conn.cursor() as cur, item.path.open("rb") as data:
+                    start = time.perf_counter()
+                    with cur.copy(statement) as copy:
+                        while block := data.read(1 << 20):
+                            copy.write(block)
+                    into.append(time.perf_counter() - start)
+                conn.rollback()
+    item.path.unlink()
+    return figure
+
+
+def _export_steps(dsn: str, steps: list[Step], key: str, directory: Path) -> list[Export]:
+    exports = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i, step in enumerate(steps):
+            columns = _columns(conn, step.table)
+            path = directory / f"write_{step.table}_{i}.copy"
+            query = (
+                f"COPY (SELECT {', '.join(columns)} FROM {step.table} WHERE {step.where})"
+                " TO STDOUT (FORMAT binary)"
+            )
+            with conn.cursor() as cur, path.open("wb") as out:
+                with cur.copy(query, (key,)) as copy:
+                    for block in copy:
+                        out.write(block)
+                rows = cur.rowcount
+            exports.append(Export(step, path, rows, columns))
+    return exports

@@ -470,8 +470,8 @@ def lock_owners(db: Db) -> None:
 def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str, int]:
     """Apply a rollup plan inside the caller's transaction. Returns rows written, touched, removed.
 
-    ``write`` rows are upserted (the breakdown arrives as JSON text); the
-    ``WHERE ... IS DISTINCT FROM`` keeps an unchanged row untouched. New rows are inserted in key
+    ``write`` rows are inserted (new keys) or updated (recomputed keys: the plan only holds
+    those whose content changed); the breakdown arrives as JSON text. New rows are inserted in key
     order with time-ordered ids (UUIDv7 layout: milliseconds, then a counter) instead of the
     column's random default, so the primary-key index grows at its right edge: about a third
     less write time for a first rollup of ~760k aggregates. ``touch`` rows only get their
@@ -499,10 +499,13 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
         " AND m.window_start = r.window_start AND m.window_end = r.window_end RETURNING 1)"
         " SELECT count(*) FROM d"
     )
-    written = db.fetch_value(
+    # New keys: a plain INSERT (the job holds the rollup lock and read every stored row of these
+    # keys, so none exists; the unique constraint is the backstop). No ON CONFLICT: speculative
+    # insertion costs a second index probe per row.
+    inserted = db.fetch_value(
         """
-        WITH up AS (
-          INSERT INTO metric_aggregates AS m (id, user_id, org_id, metric_kind, window_start,
+        WITH ins AS (
+          INSERT INTO metric_aggregates (id, user_id, org_id, metric_kind, window_start,
                  window_end, value_numeric, currency, surfaces_included, surface_breakdown,
                  computed_at, stale_after)
           SELECT (lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0')
@@ -513,23 +516,32 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
                  r.surfaces_included, r.surface_breakdown::jsonb, r.computed_at,
                  CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
             FROM pg_temp.derive_rollup_plan r
-           WHERE r.action = 'write'
+           WHERE r.action = 'write' AND r.outcome = 'inserted'
           WINDOW w AS (ORDER BY r.user_id, r.metric_kind, r.window_start, r.window_end)
            ORDER BY r.user_id, r.metric_kind, r.window_start, r.window_end
-          ON CONFLICT (user_id, metric_kind, window_start, window_end) DO UPDATE
-             SET org_id = EXCLUDED.org_id, value_numeric = EXCLUDED.value_numeric,
-                 currency = EXCLUDED.currency, surfaces_included = EXCLUDED.surfaces_included,
-                 surface_breakdown = EXCLUDED.surface_breakdown,
-                 computed_at = EXCLUDED.computed_at, stale_after = EXCLUDED.stale_after
-           WHERE (m.org_id, m.value_numeric, m.currency, m.surfaces_included,
-                  m.surface_breakdown, m.stale_after)
-                 IS DISTINCT FROM
-                 (EXCLUDED.org_id, EXCLUDED.value_numeric, EXCLUDED.currency,
-                  EXCLUDED.surfaces_included, EXCLUDED.surface_breakdown, EXCLUDED.stale_after)
+          RETURNING 1)
+        SELECT count(*) FROM ins
+        """
+    )
+    recomputed = db.fetch_value(
+        """
+        WITH up AS (
+          UPDATE metric_aggregates m
+             SET org_id = encode(r.org_id, 'hex')::uuid,
+                 value_numeric = (r.value_e4::numeric / 10000)::numeric(18, 4),
+                 currency = r.currency, surfaces_included = r.surfaces_included,
+                 surface_breakdown = r.surface_breakdown::jsonb, computed_at = r.computed_at,
+                 stale_after = CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
+            FROM pg_temp.derive_rollup_plan r
+           WHERE r.action = 'write' AND r.outcome <> 'inserted'
+             AND m.user_id = encode(r.user_id, 'hex')::uuid
+             AND m.metric_kind = r.metric_kind::surface_metric_kind
+             AND m.window_start = r.window_start AND m.window_end = r.window_end
           RETURNING 1)
         SELECT count(*) FROM up
         """
     )
+    written = int(inserted) + int(recomputed)
     touched = db.fetch_value(
         """
         WITH t AS (
