@@ -20,6 +20,7 @@ import polars as pl
 
 from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
+from derive.io.touchpoints import arrow_uuid
 
 # --------------------------------------------------------------------------------------------------
 # Adapter output files
@@ -453,17 +454,17 @@ def lock_owners(db: Db) -> None:
     """
     db.execute(
         "SELECT count(*) FROM (SELECT 1 FROM users WHERE id IN (SELECT DISTINCT"
-        " encode(user_id, 'hex')::uuid FROM pg_temp.derive_rollup_plan) FOR KEY SHARE) AS u"
+        " user_id FROM pg_temp.derive_rollup_plan) FOR KEY SHARE) AS u"
     )
     db.execute(
         "SELECT count(*) FROM (SELECT 1 FROM orgs WHERE id IN (SELECT DISTINCT"
-        " encode(org_id, 'hex')::uuid FROM pg_temp.derive_rollup_plan WHERE org_id IS NOT NULL)"
+        " org_id FROM pg_temp.derive_rollup_plan WHERE org_id IS NOT NULL)"
         " FOR KEY SHARE) AS o"
     )
     db.execute(
         "DELETE FROM pg_temp.derive_rollup_plan r WHERE NOT EXISTS (SELECT 1 FROM users u"
-        " WHERE u.id = encode(r.user_id, 'hex')::uuid) OR (r.org_id IS NOT NULL AND NOT EXISTS"
-        " (SELECT 1 FROM orgs o WHERE o.id = encode(r.org_id, 'hex')::uuid))"
+        " WHERE u.id = r.user_id) OR (r.org_id IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM orgs o WHERE o.id = r.org_id))"
     )
 
 
@@ -490,11 +491,13 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
     if plan.is_empty():
         return {"written": 0, "touched": 0, "removed": 0}
     db.execute("SELECT set_config('work_mem', '256MB', true)")
-    _fresh_temp(db, "derive_rollup_plan", plan)
+    # uuid columns staged as uuid (not bytea): the joins below are then plain key equalities.
+    db.execute("DROP TABLE IF EXISTS pg_temp.derive_rollup_plan")
+    db.ingest("derive_rollup_plan", arrow_uuid(plan.to_arrow(), ["user_id", "org_id"]))
     lock_owners(db)
     removed = db.fetch_value(
         "WITH d AS (DELETE FROM metric_aggregates m USING pg_temp.derive_rollup_plan r"
-        " WHERE r.action = 'delete' AND m.user_id = encode(r.user_id, 'hex')::uuid"
+        " WHERE r.action = 'delete' AND m.user_id = r.user_id"
         " AND m.metric_kind = r.metric_kind::surface_metric_kind"
         " AND m.window_start = r.window_start AND m.window_end = r.window_end RETURNING 1)"
         " SELECT count(*) FROM d"
@@ -510,7 +513,7 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
                  computed_at, stale_after)
           SELECT (lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0')
                   || '70008' || lpad(to_hex(row_number() OVER w), 15, '0'))::uuid,
-                 encode(r.user_id, 'hex')::uuid, encode(r.org_id, 'hex')::uuid,
+                 r.user_id, r.org_id,
                  r.metric_kind::surface_metric_kind, r.window_start, r.window_end,
                  (r.value_e4::numeric / 10000)::numeric(18, 4), r.currency,
                  r.surfaces_included, r.surface_breakdown::jsonb, r.computed_at,
@@ -527,14 +530,14 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
         """
         WITH up AS (
           UPDATE metric_aggregates m
-             SET org_id = encode(r.org_id, 'hex')::uuid,
+             SET org_id = r.org_id,
                  value_numeric = (r.value_e4::numeric / 10000)::numeric(18, 4),
                  currency = r.currency, surfaces_included = r.surfaces_included,
                  surface_breakdown = r.surface_breakdown::jsonb, computed_at = r.computed_at,
                  stale_after = CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
             FROM pg_temp.derive_rollup_plan r
            WHERE r.action = 'write' AND r.outcome <> 'inserted'
-             AND m.user_id = encode(r.user_id, 'hex')::uuid
+             AND m.user_id = r.user_id
              AND m.metric_kind = r.metric_kind::surface_metric_kind
              AND m.window_start = r.window_start AND m.window_end = r.window_end
           RETURNING 1)
@@ -549,7 +552,7 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
              SET stale_after = CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
             FROM pg_temp.derive_rollup_plan r
            WHERE r.action = 'touch'
-             AND m.user_id = encode(r.user_id, 'hex')::uuid
+             AND m.user_id = r.user_id
              AND m.metric_kind = r.metric_kind::surface_metric_kind
              AND m.window_start = r.window_start AND m.window_end = r.window_end
              AND m.stale_after IS DISTINCT FROM

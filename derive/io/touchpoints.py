@@ -261,7 +261,7 @@ def anonymous_counts(
     return frame.cast({"surface": pl.String, "touchpoints": pl.Int64, "conversions": pl.Int64})
 
 
-def _as_uuid(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+def arrow_uuid(table: pa.Table, columns: Sequence[str]) -> pa.Table:
     """Mark 16-byte binary columns as Arrow uuids: ADBC then creates and fills uuid columns."""
     for name in columns:
         index = table.schema.get_field_index(name)
@@ -273,7 +273,7 @@ def _as_uuid(table: pa.Table, columns: Sequence[str]) -> pa.Table:
 
 def _stage(db: Db, name: str, frame: pl.DataFrame, uuid_columns: Sequence[str]) -> None:
     db.execute(f"DROP TABLE IF EXISTS pg_temp.{name}")
-    db.ingest(name, _as_uuid(frame.to_arrow(), uuid_columns))
+    db.ingest(name, arrow_uuid(frame.to_arrow(), uuid_columns))
 
 
 def read_stored_credits(
