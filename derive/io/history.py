@@ -409,7 +409,13 @@ class ParquetHistory:
         manifest = self.directory / self.MANIFEST
         wanted = self.backfill.as_dict()
         if manifest.exists():
-            found = json.loads(manifest.read_text())
+            try:
+                found = json.loads(manifest.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+                raise UsageError(
+                    f"{manifest} is not a backfill manifest (not JSON); use another --out "
+                    "directory, or remove the file to resume into this one"
+                ) from None
             if found != wanted:
                 raise UsageError(
                     f"{self.directory} holds a backfill with other parameters ({found}); "

@@ -340,10 +340,14 @@ _AGGREGATE_COLUMNS = """a.user_id, a.org_id, a.metric_kind::text AS metric_kind,
        a.window_end, (a.value_numeric * 10000)::int8 AS value_e4, a.currency,
        a.surfaces_included, a.computed_at"""
 
+# A stored breakdown is JSON anyone with service_role can write: a value that is not a number
+# within numeric(18,4)'s range reads as missing (the aggregate then differs and is rewritten)
+# instead of overflowing int8 and failing the rollup.
 _PART_COLUMNS = """a.user_id, a.metric_kind::text AS metric_kind, a.window_start, a.window_end,
        e.key AS surface,
-       CASE WHEN jsonb_typeof(e.value) = 'number'
-            THEN ((e.value #>> '{}')::numeric * 10000)::int8 END AS value_e4"""
+       CASE WHEN jsonb_typeof(e.value) = 'number' THEN
+            CASE WHEN abs(e.value::numeric) < 1e14
+                 THEN (e.value::numeric * 10000)::int8 END END AS value_e4"""
 
 _PARTS_FROM = """metric_aggregates a
  CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(a.surface_breakdown) = 'object'

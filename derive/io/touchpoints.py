@@ -34,6 +34,10 @@ from derive.schema import (
 
 # Same grammar as the ingest check: a JSON number or numeric text PostgreSQL's numeric accepts.
 _NUMBER = r"^\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+# The same on stored text, bounded so that the ::numeric cast cannot overflow (numeric holds up
+# to 131072 digits before the point and 16383 after): at most 1000 characters, exponent below
+# 10^4. A longer or larger amount is a bad amount, not a failed read.
+_STORED_NUMBER = r"^\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]{1,4})?\s*$"
 
 
 def _kinds(kinds: Sequence[str]) -> str:
@@ -228,7 +232,8 @@ def read_attribution_touchpoints(
         " FROM (SELECT p.id, p.user_id, p.org_id, p.prospect_id, p.surface,"
         "   p.touchpoint::text AS touchpoint, p.occurred_at,"
         f"  CASE WHEN p.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
-        f"        AND p.payload_jsonb ->> 'amount' ~ '{_NUMBER}'"
+        f"        AND p.payload_jsonb ->> 'amount' ~ '{_STORED_NUMBER}'"
+        "         AND length(p.payload_jsonb ->> 'amount') <= 1000"
         "    THEN (p.payload_jsonb ->> 'amount')::numeric END AS amount_num,"
         f"  CASE WHEN p.touchpoint IN ({_kinds(CONVERSION_KINDS)})"
         "    THEN p.payload_jsonb ->> 'currency' END AS currency,"

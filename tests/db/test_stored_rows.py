@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,7 +21,7 @@ from derive.io import read
 from derive.io.connect import connect
 from derive.jobs.adopt import adopt
 from derive.jobs.prune import run_prune
-from derive.jobs.report import collect_report
+from derive.jobs.report import collect_report, render_html
 from derive.jobs.status import collect_status, openmetrics
 from derive.transforms.validate import classify_events
 from tests.db.helpers import (
@@ -33,6 +34,10 @@ from tests.db.helpers import (
     system_rows,
     uid,
 )
+from tests.db.test_attribution import AS_OF as ATTRIBUTION_AS_OF
+from tests.db.test_attribution import DAY, add_touch, attribute, setup_people
+from tests.db.test_rollup import AS_OF as ROLLUP_AS_OF
+from tests.db.test_rollup import load, rollup, row
 
 BAD_TIMES: list[Any] = [
     "not a time",
@@ -349,3 +354,68 @@ def test_consent_recorded_must_be_a_json_boolean_in_stored_metadata(
     ((user, _),) = system_rows(pg, "validation_fail")
     assert user == uid(1)
     assert states(pg) == {uid(2): "S3"}  # the rejected new user gets no state this run
+
+
+# -- other stored JSON read by the jobs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amount", ["1e200000", "9" * 200_000, "1e-20000"])
+def test_a_stored_amount_beyond_numeric_is_a_bad_amount_not_a_failed_attribution(
+    dsn: str, pg: psycopg.Connection, amount: str
+) -> None:
+    user, prospect = setup_people(pg)
+    add_touch(pg, user, prospect, surface="x", kind="dm_inbound", at=ATTRIBUTION_AS_OF - 2 * DAY)
+    add_touch(
+        pg,
+        user,
+        prospect,
+        surface="x",
+        kind="tip",
+        at=ATTRIBUTION_AS_OF - DAY,
+        payload={"amount": amount, "currency": "USD"},
+    )
+
+    report = attribute(dsn, models=("linear",))
+
+    assert report.counts["conversions_bad_amount"] == 1
+    assert report.counts["conversions"] == 1
+
+
+@pytest.mark.parametrize("value", ["1e20", "-1e15", "123456789012345.5"])
+def test_a_stored_breakdown_value_beyond_numeric_18_4_is_repaired_by_the_next_rollup(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path, value: str
+) -> None:
+    load(dsn, tmp_path, "tryst", row("profile_view", 120))
+    load(dsn, tmp_path, "onlyfans", row("profile_view", 30))
+    rollup(dsn)
+    pg.execute(
+        "UPDATE metric_aggregates SET stale_after = %s,"
+        f' surface_breakdown = \'{{"tryst": {value}, "onlyfans": 30}}\'::jsonb',
+        (ROLLUP_AS_OF,),
+    )
+    later = ROLLUP_AS_OF + timedelta(hours=1)
+    load(dsn, tmp_path, "onlyfans", row("profile_view", 31), fetched_at=later)  # sources advance
+
+    rollup(dsn, as_of=later + timedelta(minutes=1))
+
+    ((breakdown,),) = pg.execute("SELECT surface_breakdown FROM metric_aggregates").fetchall()
+    assert breakdown == {"onlyfans": 31, "tryst": 120}
+
+
+def test_report_shows_evidence_nested_past_pythons_recursion_limit_as_text(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    insert_events(pg, [event(2, "ping", "telemetry")])
+    run(dsn)
+    deep = "[" * 5000 + "]" * 5000
+    pg.execute(
+        "UPDATE audience_events SET metadata = jsonb_set(metadata, '{evidence}', %s::jsonb)"
+        " WHERE event_type = 'validation_fail'",
+        (deep,),
+    )
+
+    with connect(dsn) as db:
+        data = collect_report(db, as_of=AS_OF + timedelta(hours=1), days=7)
+    page = render_html(data)
+
+    assert "[[[[" in page
