@@ -201,3 +201,36 @@ def test_empty_tables_run_cleanly(dsn: str) -> None:
     counts = json.loads(out)["counts"]
     assert counts["events_read"] == 0
     assert counts["users_evaluated"] == 0
+
+
+def test_sigkill_during_an_incremental_write_leaves_before_and_the_next_run_converges(
+    dsn: str, second_dsn: str, pg: psycopg.Connection
+) -> None:
+    later = AS_OF + timedelta(minutes=15)
+    insert_events(pg, population())
+    run(dsn)  # the base
+    insert_events(pg, engaged_user(40, as_of=later))
+    before = snapshot(pg)
+    blocker = block_writes(dsn)
+    job = derive("run", "--dsn", dsn, "--as-of", later.isoformat())
+    wait_for(lambda: write_blocked(pg), "the incremental run to reach its write")
+
+    job.send_signal(signal.SIGKILL)
+    job.communicate()
+    blocker.rollback()
+    blocker.close()
+    wait_for(lambda: not write_blocked(pg), "the killed run's write to end")
+
+    after_kill = snapshot(pg)
+    time.sleep(LEASE + 0.5)
+    report = run(dsn, as_of=later)
+    with psycopg.connect(second_dsn, autocommit=True) as control:
+        insert_events(control, population())
+        run(second_dsn)
+        insert_events(control, engaged_user(40, as_of=later))
+        run(second_dsn, as_of=later, full=True)
+        assert derived(pg) == derived(control)
+    assert after_kill == before
+    assert report.mode == "incremental"
+    modes = pg.execute("SELECT status, mode FROM derivation_runs ORDER BY started_at").fetchall()
+    assert modes == [("succeeded", "full"), ("failed", None), ("succeeded", "incremental")]
