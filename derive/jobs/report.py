@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -65,6 +65,8 @@ class ReportData:
     runs: pl.DataFrame
     top_rejected: pl.DataFrame
     malformed_rows: int = 0  # system rows of the window left out: their derived_at is not a time
+    #: Runs that wrote audience_state and never finished (a write outside derive's protocol).
+    unfinished_writers: list[str] = field(default_factory=list)
 
 
 def collect_report(
@@ -99,6 +101,10 @@ def collect_report(
         runs=shape.run_series(history.run_durations(db, limit=runs).lazy()).collect(),
         top_rejected=history.top_rejected(db, start=start, end=end, limit=top),
         malformed_rows=history.malformed_system_rows(db, start=start, end=end),
+        unfinished_writers=[
+            f"{run_id} ({job}, {status}, started by {who}, first write {first:%Y-%m-%d %H:%M})"
+            for run_id, job, status, who, first in history.unfinished_writers(db)
+        ],
     )
 
 
@@ -383,6 +389,13 @@ def render_html(data: ReportData) -> str:
         if data.malformed_rows
         else ""
     )
+    if data.unfinished_writers:
+        malformed += (
+            '<p class="warn">audience_state was written by runs that never finished, outside '
+            "derive's own protocol (forged or manual writes): "
+            + "; ".join(_esc(r) for r in data.unfinished_writers)
+            + ". Check the states with <code>derive run --verify</code>.</p>"
+        )
     sections = [
         _section(
             "funnel",

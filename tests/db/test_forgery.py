@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -246,3 +247,24 @@ def test_status_flags_a_run_that_wrote_and_never_finished(
     problems = json.loads(result.stdout)["problems"]
     assert result.returncode == 1
     assert any(run_id in p and "never finished" in p for p in problems), problems
+
+
+def test_report_flags_a_run_that_wrote_and_never_finished(
+    dsn: str, pg: psycopg.Connection, s0_user: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    run_id = start_run(pg)
+    with as_role(
+        pg, "service_role", derive__run_id=run_id, derive__run_token=TOKENS[run_id]
+    ) as conn:
+        conn.execute("UPDATE audience_state SET current_state = 'S5' WHERE user_id = %s", (USER_A,))
+    pg.execute(
+        "UPDATE derivation_runs SET lease_expires_at = now() - interval '1 s' WHERE run_id = %s",
+        (run_id,),
+    )
+
+    result = derive("report", "--dsn", dsn, "--out", str(tmp_path / "r.html"))
+
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "never finished" in page
+    assert run_id in page
