@@ -1,7 +1,11 @@
 """Reads behind ``derive status --format openmetrics`` and ``--check``: one summary row per job.
 
 Every read runs as ``service_role`` (RLS is forced on ``derivation_runs``) and binds its values.
-The run log is small (one row per run), so one grouped pass over it is cheap.
+The run log is small (one row per run), so one grouped pass over it is cheap. Two anomalies are
+counted per job: running rows whose lease expired (the process died; the job's next start marks
+them failed) and runs that wrote audience_state (``derive_run_writes``, filled by the guard) but
+never finished, which legitimate runs cannot leave (they finish in their write transaction; the
+problem text for those comes from ``derive.io.history.unfinished_writers``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ SELECT j.job,
        extract(epoch FROM d.finished_at - d.started_at)::float8 AS last_seconds,
        d.error AS last_error,
        d.counts::text AS last_counts,
+       d.mode AS last_mode,
        s.running,
+       s.expired_leases,
+       (SELECT count(DISTINCT w.run_id)
+          FROM derive_run_writes w
+          JOIN derivation_runs r ON r.run_id = w.run_id
+         WHERE r.job = j.job
+           AND r.status <> 'succeeded'
+           AND NOT (r.status = 'running' AND r.lease_expires_at >= clock_timestamp()))
+         AS unfinished_writers,
        s.succeeded_24h,
        s.failed_24h,
        s.skipped_24h
@@ -44,6 +57,8 @@ SELECT j.job,
                  FILTER (WHERE r.status = 'succeeded' AND {_FULL_SCOPE}))[1] AS last_success_as_of,
               max(r.finished_at) FILTER (WHERE r.status = 'succeeded') AS last_any_success,
               count(*) FILTER (WHERE r.status = 'running') AS running,
+              count(*) FILTER (WHERE r.status = 'running'
+                                 AND r.lease_expires_at < clock_timestamp()) AS expired_leases,
               count(*) FILTER (WHERE r.status = 'succeeded' AND r.started_at >= $1) AS succeeded_24h,
               count(*) FILTER (WHERE r.status = 'failed' AND r.started_at >= $1) AS failed_24h,
               count(*) FILTER (WHERE r.status = 'skipped' AND r.started_at >= $1) AS skipped_24h
@@ -52,7 +67,7 @@ SELECT j.job,
   -- The decisive run: the newest that was not skipped (a skip only says another run held the lock).
   LEFT JOIN LATERAL (
        SELECT r.run_id::text AS run_id, r.status, r.as_of, r.started_at, r.finished_at, r.error,
-              r.counts
+              r.counts, r.mode
          FROM derivation_runs r
         WHERE r.job = j.job AND r.status <> 'skipped'
         ORDER BY r.started_at DESC
@@ -74,7 +89,10 @@ JOB_SUMMARY = pl.Schema(
         "last_seconds": pl.Float64(),
         "last_error": pl.String(),
         "last_counts": pl.String(),
+        "last_mode": pl.String(),
         "running": pl.Int64(),
+        "expired_leases": pl.Int64(),
+        "unfinished_writers": pl.Int64(),
         "succeeded_24h": pl.Int64(),
         "failed_24h": pl.Int64(),
         "skipped_24h": pl.Int64(),

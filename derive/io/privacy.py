@@ -88,7 +88,8 @@ USER: tuple[Selection, ...] = (
     Selection("prospects", f"t.user_id = {SUBJECT}", "t.id"),
     Selection("users", f"t.id = {SUBJECT}", "t.id", withheld=("attribution_salt",)),
     Selection("derive_rejected_users", f"t.user_id = {SUBJECT}", "t.user_id"),
-    Selection("derive_requests", f"t.user_id = {SUBJECT}", "t.id"),
+    # Requests: service_role may only update them (migration 0022 adds them to the definer).
+    Selection("derive_requests", f"t.user_id = {SUBJECT}", "t.id", erase="definer"),
     # After the events: deleting them records the person in the change set once more.
     Selection("audience_event_changes", f"t.user_id = {SUBJECT}", "t.changed_at", erase="definer"),
     # Runs given the id with --user: the run row stays (it is the job's log), the id goes.
@@ -258,8 +259,10 @@ def delete_subject(
 
     The transaction runs as ``service_role`` and names the erase's running run (the
     audience_state guard lets a running job's transaction through); it ends with one
-    ``subject_erased`` system event that holds only table names, counts, the time and the run id.
-    A crash at any point leaves every row in place.
+    ``subject_erased`` system event that holds only table names, counts, the time and the run id,
+    and finishes the run in the same commit (a crash after it cannot leave a run that wrote
+    audience_state unfinished, which ``derive status`` would flag). A crash at any point leaves
+    every row in place.
     """
     counts: dict[str, int] = {}
     with db.transaction():
@@ -284,4 +287,8 @@ def delete_subject(
                 _SUBJECT_ERASED,
                 (kind, json.dumps({k: v for k, v in counts.items() if v}), total, derived_by),
             )
+        run.counts.update(
+            {"subject": kind, "rows": total, "tables": {k: v for k, v in counts.items() if v}}
+        )
+        run.finish_in(db)
     return counts

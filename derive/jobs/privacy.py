@@ -221,20 +221,8 @@ def erase_subject(
     if dry_run or result.rows == 0:
         return result
     with job_run(db, job=JOB, as_of=as_of, args={"subject": kind}, lock=DERIVE_JOB) as run:
-        with run.phase("erase"):
-            result.tables = privacy.delete_subject(
-                db,
-                kind=kind,
-                subject=str(subject),
-                run=run,
-                derived_by=f"derive {__version__}",
-            )
-        run.counts.update(
-            {
-                "subject": kind,
-                "rows": result.rows,
-                "tables": {k: v for k, v in result.tables.items() if v},
-            }
-        )
         result.run_id = run.run_id
+        result.tables = privacy.delete_subject(
+            db, kind=kind, subject=str(subject), run=run, derived_by=f"derive {__version__}"
+        )
     return result

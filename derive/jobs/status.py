@@ -163,6 +163,11 @@ def problems(jobs: pl.DataFrame, *, now: datetime, max_lags: dict[str, timedelta
                 f"{subject} ({row['last_run_id']}, as_of {row['last_as_of'].isoformat()}) failed: "
                 f"{row['last_error'] or 'no error text'}"
             )
+        if row is not None and row["expired_leases"]:
+            found.append(
+                f"a {name} run is marked running but its lease expired (process killed?); the"
+                f" next {name} run marks it failed"
+            )
     for name in sorted(max_lags, key=lambda j: (j != JOB, j)):
         limit = max_lags[name]
         row = by_job.get(name)
@@ -283,6 +288,16 @@ def _per_job(report: StatusReport) -> Iterable[Gauge]:
         "seconds",
     )
     running = Gauge("derive_running_runs", "Runs of the job marked running in the run log")
+    expired = Gauge(
+        "derive_expired_leases", "Runs marked running whose lease expired (the process died)"
+    )
+    unfinished = Gauge(
+        "derive_unfinished_writer_runs",
+        "Runs that wrote audience_state and never finished (should be 0)",
+    )
+    mode = Gauge(
+        "derive_last_run_mode", "1 for the mode of the job's last run (full/incremental/users)"
+    )
     recent = Gauge("derive_runs_24h", "Runs of the job started in the last 24 hours, by status")
     for row in _job_rows(report):
         job = row["job"]
@@ -296,9 +311,14 @@ def _per_job(report: StatusReport) -> Iterable[Gauge]:
             failed.add(float(row["last_status"] == "failed"), job=job)
             duration.add(row["last_seconds"], job=job)
         running.add(row.get("running") or 0, job=job)
+        expired.add(row.get("expired_leases") or 0, job=job)
+        unfinished.add(row.get("unfinished_writers") or 0, job=job)
+        if row.get("last_mode"):
+            mode.add(1, job=job, mode=row["last_mode"])
         for status in ("succeeded", "failed", "skipped"):
             recent.add(row.get(f"{status}_24h") or 0, job=job, status=status)
     yield from (success, lag, max_lag, started, failed, duration, running, recent)
+    yield from (expired, unfinished, mode)
 
 
 def _derivation(report: StatusReport) -> Iterable[Gauge]:
@@ -352,6 +372,16 @@ def _last_derive_counts(report: StatusReport) -> Iterable[Gauge]:
         yield Gauge(
             f"derive_last_run_{suffix}", f"{key} of the last derive run, when it succeeded"
         ).add(value if isinstance(value, int | float) else None, job=JOB)
+    candidates = Gauge(
+        "derive_last_run_candidates",
+        "Users an incremental derive run evaluated, per reason (SPEC 2.10), when it succeeded",
+    )
+    reasons = counts.get("candidates")
+    if isinstance(reasons, dict):
+        for reason, n in reasons.items():
+            if isinstance(n, int | float) and reason != "total":
+                candidates.add(n, job=JOB, reason=str(reason))
+    yield candidates
 
 
 _FAMILIES: tuple[Callable[[StatusReport], Iterable[Gauge]], ...] = (

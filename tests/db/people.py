@@ -149,6 +149,7 @@ def two_people(dsn: str, pg: psycopg.Connection) -> People:
     run(dsn, as_of=AS_OF, users=[str(a), str(b)])
     for user in (a, b):
         _tenant_rows(pg, user)
+        pg.execute("INSERT INTO derive_requests (user_id) VALUES (%s)", (user,))
     hash_a = os.urandom(32)
     touch(pg, a, prospect_a, kind="dm_inbound", days_ago=5, identifier=hash_a)
     touch(pg, a, None, kind="profile_view", days_ago=4, identifier=hash_a)

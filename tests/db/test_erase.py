@@ -22,6 +22,7 @@ from derive.io.privacy import PROSPECT, USER
 from derive.io.runlog import job_run
 from derive.jobs.derivation import JOB as DERIVE_JOB
 from derive.jobs.privacy import count_subject, erase_subject, export_subject
+from tests.cli import derive
 from tests.db.helpers import AS_OF, run
 from tests.db.people import People, rows_mentioning, two_people
 
@@ -97,6 +98,31 @@ def count_subject_counts(dsn: str, subject: uuid.UUID, kind: str = "user") -> di
         return count_subject(db, kind=kind, subject=subject)  # type: ignore[arg-type]
 
 
+def state_rows(pg: psycopg.Connection) -> list[tuple[Any, ...]]:
+    return pg.execute(
+        "SELECT user_id, current_state, engagement_score, last_event_type, last_activity_at,"
+        " state_updated_at FROM audience_state ORDER BY user_id"
+    ).fetchall()
+
+
+def test_full_and_verify_runs_after_erase_find_nothing_of_the_person(
+    dsn: str, pg: psycopg.Connection, people: People
+) -> None:
+    others = state_rows(pg)
+    erase(dsn, people.a)
+    later = (AS_OF + timedelta(minutes=30)).isoformat()
+
+    full = derive("run", "--dsn", dsn, "--full", "--as-of", later, "--json")
+    verify = derive("run", "--dsn", dsn, "--verify", "--as-of", later)
+
+    assert full.returncode == 0, full.stderr
+    assert json.loads(full.stdout)["counts"]["users_changed"] == 0
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert rows_mentioning(pg, people.a) == {}
+    assert state_rows(pg) == [r for r in others if r[0] != people.a]
+    assert len(erased_events(pg)) == 1
+
+
 def test_a_later_run_does_not_recreate_the_person(
     dsn: str, pg: psycopg.Connection, people: People
 ) -> None:
@@ -165,7 +191,7 @@ def test_nothing_stored_erases_nothing_and_logs_nothing(
 def test_erase_waits_for_no_derive_run(dsn: str, pg: psycopg.Connection, people: People) -> None:
     with (
         connect(dsn) as holder,
-        job_run(holder, job=DERIVE_JOB, as_of=AS_OF, record=False),
+        job_run(holder, job=DERIVE_JOB, as_of=AS_OF),
         pytest.raises(LockBusy),
     ):
         erase(dsn, people.a)
@@ -220,7 +246,8 @@ def test_kill_9_during_erase_leaves_everything_in_place(
                 dsn,
                 str(people.a),
             ],
-            env={**os.environ},
+            # A short lease: the killed run's lock is free again two seconds after the kill.
+            env={**os.environ, "DERIVE_LEASE_SECONDS": "2"},
         )
         try:
             deadline = time.monotonic() + 120
@@ -252,6 +279,7 @@ def test_kill_9_during_erase_leaves_everything_in_place(
     assert rows_of(pg, people.a) == before
     assert erased_events(pg) == []
 
+    time.sleep(2.5)  # the killed run's lease runs out
     result = erase(dsn, people.a)  # all: a second attempt erases everything
 
     assert rows_mentioning(pg, people.a) == {}

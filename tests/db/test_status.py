@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -380,3 +381,67 @@ def test_max_lag_values(values: list[str], expected: dict[str, timedelta]) -> No
 def test_bad_max_lag_values_name_the_value(value: str) -> None:
     with pytest.raises(UsageError, match="invalid --max-lag"):
         parse_max_lags([value])
+
+
+def start_run(pg: psycopg.Connection, *, seconds: int) -> tuple[str, str]:
+    """A derive run started the way every job starts one; returns its id and secret token."""
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        row = pg.execute(
+            "SELECT run_id::text, token FROM derive_start_run('derive', 'derive', now(), NULL,"
+            " NULL, '{}', %s)",
+            (seconds,),
+        ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])
+
+
+def test_a_run_whose_lease_expired_is_flagged(dsn: str, pg: psycopg.Connection) -> None:
+    successful_run(dsn, pg)
+    start_run(pg, seconds=1)
+    time.sleep(1.5)
+
+    report, families = metrics_of(dsn)
+
+    assert report.problems == [
+        "a derive run is marked running but its lease expired (process killed?); the next"
+        " derive run marks it failed"
+    ]
+    assert sample(families, "derive_expired_leases", job="derive") == 1
+
+
+def test_a_run_that_wrote_states_and_never_finished_is_flagged(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    run_id, token = start_run(pg, seconds=600)
+    # Someone holding the marker writes a state in a transaction of their own and commits.
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        pg.execute("SELECT set_config('derive.run_id', %s, true)", (run_id,))
+        pg.execute("SELECT set_config('derive.run_token', %s, true)", (token,))
+        pg.execute("UPDATE audience_state SET engagement_score = 99")
+    pg.execute(
+        "UPDATE derivation_runs SET status = 'failed', finished_at = now() WHERE run_id = %s",
+        (run_id,),
+    )
+
+    report, families = metrics_of(dsn)
+
+    (problem,) = [p for p in report.problems if "wrote audience_state" in p]
+    assert problem.startswith(f"run {run_id} (derive, failed")
+    assert sample(families, "derive_unfinished_writer_runs", job="derive") == 1
+
+
+def test_openmetrics_shows_the_mode_and_candidates_of_an_incremental_run(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    successful_run(dsn, pg)
+    insert_events(pg, [event(2, "scroll_depth_75", "engagement", as_of=NOW)])
+    run(dsn, as_of=NOW + timedelta(minutes=15))
+
+    _, families = metrics_of(dsn)
+
+    assert sample(families, "derive_last_run_mode", job="derive", mode="incremental") == 1
+    reasons = {s.labels["reason"]: s.value for s in families["derive_last_run_candidates"].samples}
+    assert sum(reasons.values()) >= 1
