@@ -21,8 +21,9 @@ Besides: the write path of a first run on a dirty dataset (so that users are rej
 plain COPY of the same rows (:mod:`benchmarks.writepath`) and the watermark's cost to the
 application's inserts (:mod:`benchmarks.ingest`).
 
-The job runs as a subprocess: its wall time is what a cron user waits for, ``os.wait4`` gives its
-peak RSS, and its ``derivation_runs`` row (or its ``--json`` output for a dry run) gives phase
+The job runs as a subprocess started from a small launcher (:func:`benchmarks.child.spawn`): its
+wall time is what a cron user waits for, ``os.wait4`` gives its own peak RSS (not inflated by the
+harness's memory), and its ``derivation_runs`` row (or its ``--json`` output for a dry run) gives phase
 timings, counts and the run's mode.
 """
 
@@ -49,7 +50,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from benchmarks import incremental, ingest, writepath
-from benchmarks.child import client_tool, timed
+from benchmarks.child import client_tool, spawn, timed
 from derive.config import load_rules
 from derive.io.connect import connect
 from derive.io.migrate import migrate
@@ -541,18 +542,15 @@ def run_derive(
     if full and has_full_flag():
         argv.append("--full")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child = spawn(argv, stdout=out, stderr=err, env=None)
+        seconds = child.seconds
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if child.returncode != 0:
+    if child.exit_code != 0:
         tail = "\n".join((stderr or stdout).strip().splitlines()[-8:])
         raise BenchError(
-            f"`derive run{' --dry-run' if dry_run else ''}` exited {child.returncode}:\n{tail}"
+            f"`derive run{' --dry-run' if dry_run else ''}` exited {child.exit_code}:\n{tail}"
         )
     try:
         payload: Any = json.loads(stdout)
@@ -578,7 +576,7 @@ def run_derive(
         run_id, mode, full_reason = row[3], row[4], row[5]
     return DeriveRun(
         seconds=seconds,
-        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports kilobytes
+        peak_rss_mb=child.peak_rss_mb,
         job_seconds=job_seconds,
         phases=phases,
         counts=dict(counts) if isinstance(counts, dict) else {},

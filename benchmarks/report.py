@@ -581,8 +581,10 @@ time widens the spread between min and max and raises the medians of every case 
   new as_of), then `derive run --as-of` base + {incremental.TICK.seconds // 60} min runs
   (incremental by default where the checkout has incremental runs).
 - (g) the same without appending anything.
-- (c)-(e) run as child processes; wall time includes interpreter start-up, peak RSS is the child's
-  `ru_maxrss` (`os.wait4`).
+- (c)-(g) run as child processes; wall time includes interpreter start-up, peak RSS is the child's
+  `ru_maxrss` (`os.wait4`), taken in a small launcher process (`python -S`): Linux counts a
+  child's peak from the memory of the process that spawned it, so a child of the harness itself
+  (which holds a generated dataset) would be reported as large as the harness.
 
 ## How to reproduce
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from benchmarks import harness, incremental, ingest, report, writepath
+from benchmarks import child, harness, incremental, ingest, report, writepath
 from benchmarks.harness import Agreement, Figure, ScaleResult
 
 AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
@@ -571,3 +572,25 @@ def test_write_path_runs_on_a_dirty_dataset_of_its_own_and_drops_it(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", (_database(dsn) + "_%",)
         ).fetchall()
     assert left == []
+
+
+def test_child_peak_rss_is_its_own_not_the_harness_memory(tmp_path: Path) -> None:
+    # Arrange: this process holds 300 MiB; the child touches 20 MiB
+    held = bytearray(300 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])
+    script = "x = bytearray(20 * 2**20)\nx[::4096] = b'1' * len(x[::4096])"
+
+    # Act
+    with (tmp_path / "out").open("wb") as out, (tmp_path / "err").open("wb") as err:
+        run = child.spawn([sys.executable, "-c", script], stdout=out, stderr=err, env=None)
+
+    # Assert: a fork of this process would report >= 300 MiB
+    assert run.exit_code == 0
+    assert 20 < run.peak_rss_mb < 150
+    assert len(held) == 300 * 2**20
+
+
+def test_child_that_cannot_start_is_a_failure_with_the_reason() -> None:
+    # Act / Assert
+    with pytest.raises(RuntimeError, match="no-such-program-for-bench"):
+        child.timed(["no-such-program-for-bench"])
