@@ -381,7 +381,10 @@ def test_ticks_measure_f_and_g_on_copies_of_the_base(dsn: str, pg: psycopg.Conne
     assert "2 events of 1 users appended in (00:00, 00:15]" in f.note
     for figure in (f, g):
         assert len(figure.seconds) == len(figure.job_seconds) == 1
-        assert figure.counts["users_evaluated"] >= 1
+        assert figure.modes == ["incremental"]
+    assert f.counts["users_evaluated"] >= 1  # the user with new events
+    assert sum(f.counts["candidates"].values()) >= 1
+    assert g.counts["users_evaluated"] == 0  # nothing new, no retention crossing in 15 minutes
     with psycopg.connect(dsn) as conn:
         names = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", (_database(dsn) + "_%",)
