@@ -52,6 +52,46 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[unit]: count})
 
 
+SIZE_FORMS = "a positive number followed by a unit, e.g. 256MiB, 2GiB, 1.5G, 512M (K, M, G, T are powers of 1024, KB, MB, GB, TB powers of 1000)"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size (``256MiB``, ``2GiB``, ``1.5G``, ``512MB``) into bytes.
+
+    ``K``/``KiB``, ``M``/``MiB``, ... are powers of 1024; ``KB``, ``MB``, ... powers of 1000.
+
+    Raises:
+        UsageError: for anything else (zero, negative, unknown unit), naming the value and the
+            accepted forms.
+    """
+    match = _SIZE.match(text or "")
+    if match is None:
+        raise UsageError(f"invalid memory size {text!r}: use {SIZE_FORMS}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    if unit == "B":
+        size = number
+    else:
+        base = 1000 if unit.endswith("B") and not unit.endswith("IB") else 1024
+        size = number * base ** _SIZE_POWERS[unit[0]]
+    if size < 1 or size > 2**60:
+        raise UsageError(f"invalid memory size {text!r}: use {SIZE_FORMS}")
+    return int(size)
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes (MemTotal of /proc/meminfo, else sysconf)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def format_duration(value: timedelta) -> str:
     """Inverse of :func:`parse_duration` for whole units (used in summaries and run rows)."""
     seconds = int(value.total_seconds())

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from derive.config import DURATION_FORMS, DURATION_RANGE, TIMESTAMP_RANGE
+from derive.config import DURATION_FORMS, DURATION_RANGE, SIZE_FORMS, TIMESTAMP_RANGE
 from derive.rules import canonical_rules_path
 from tests.cli import derive
 
@@ -47,6 +47,17 @@ def test_a_bad_duration_exits_2_showing_the_accepted_forms(value: str) -> None:
     assert result.returncode == 2
     assert DURATION_FORMS in plain(result.stderr)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1GiB", "10XB", "0.0001B", "GiB", "1e3M"])
+def test_a_bad_memory_limit_exits_2_naming_the_value_and_the_accepted_forms(value: str) -> None:
+    for args in (("--memory-limit", value), ("--verify", "--memory-limit", value)):
+        result = derive("run", *args, "--dsn", BAD_DSN)
+
+        assert result.returncode == 2
+        assert repr(value) in plain(result.stderr)
+        assert SIZE_FORMS in plain(result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("command", ["demo-data", "run"])

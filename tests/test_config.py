@@ -15,6 +15,7 @@ from derive.config import (
     format_duration,
     load_rules,
     parse_duration,
+    parse_size,
     parse_timestamp,
 )
 from derive.errors import ConfigError, UsageError
@@ -376,3 +377,27 @@ def test_a_bad_retention_value_names_the_key(
 
     assert repr(key) in str(caught.value)
     assert value in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("256MiB", 256 * 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1.5G", int(1.5 * 2**30)),
+        ("512M", 512 * 2**20),
+        ("64k", 64 * 1024),
+        ("500MB", 500 * 10**6),
+        ("1B", 1),
+        (" 3 gib ", 3 * 2**30),
+    ],
+)
+def test_memory_sizes_in_binary_and_decimal_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "0MiB", "-1GiB", "10XB", "", "MiB", "1.5", "0.5B", "1e3M"])
+def test_a_bad_memory_size_names_the_value_and_the_forms(text: str) -> None:
+    with pytest.raises(UsageError, match="use a positive number followed by a unit") as raised:
+        parse_size(text)
+    assert repr(text) in str(raised.value)

@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from derive.config import DURATION_FORMS, Rules, load_rules, parse_duration, parse_timestamp
+from derive.config import (
+    DURATION_FORMS,
+    Rules,
+    load_rules,
+    parse_duration,
+    parse_size,
+    parse_timestamp,
+)
 from derive.errors import UsageError
 
 out = Console(highlight=False, soft_wrap=True)
@@ -69,6 +76,38 @@ def rules_from(path: Path | None) -> Rules:
 def print_json(payload: Any) -> None:
     """Print ``payload`` as JSON on stdout (datetimes as ISO-8601)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+ShardsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shards",
+        min=1,
+        max=4096,
+        help="Split a full run's users into this many user_id ranges (default: from the"
+        " window's size and --memory-limit).",
+    ),
+]
+MemoryLimitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-limit",
+        envvar="DERIVE_MEMORY_LIMIT",
+        metavar="SIZE",
+        help="Memory a full run may use for one shard's rows, e.g. 256MiB, 2GiB, 1.5G"
+        " (default: a quarter of this machine's memory).",
+    ),
+]
+
+
+def memory_size(value: str | None) -> int | None:
+    """Parse a ``--memory-limit`` value; a bad value is a usage error naming the accepted forms."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 UsersOpt = Annotated[

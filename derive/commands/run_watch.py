@@ -10,10 +10,13 @@ from derive.commands.common import (
     AsOfOpt,
     DsnOpt,
     JsonOpt,
+    MemoryLimitOpt,
     RulesOpt,
+    ShardsOpt,
     UsersOpt,
     duration,
     err,
+    memory_size,
     print_json,
     print_run_summary,
     print_verify,
@@ -47,6 +50,8 @@ def run_cmd(
             " given) and compare with what is stored: exit 0 equal, 1 with the differing users.",
         ),
     ] = False,
+    shards: ShardsOpt = None,
+    memory_limit: MemoryLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Derive every user's audience state (S0..S5), score and last event type.
@@ -57,6 +62,8 @@ def run_cmd(
     summary's first line says why. Validates and deduplicates events, applies the fail-safes,
     climbs the gates from each stored state and applies the retention rules, then writes only
     the changed states plus one audit event per state step, in one transaction.
+    A full run (and `--verify`) derives its users in user_id ranges (shards) so that one shard's
+    rows fit in `--memory-limit`, and commits all shards' writes in one transaction.
     Exit codes: 0 done (`--verify`: equal), 1 failed (`--verify`: differences), 2 usage error,
     75 skipped (another run holds the lock).
     """
@@ -69,11 +76,19 @@ def run_cmd(
     assert window is not None
     users = uuids(user)
     loaded = rules_from(rules)
+    limit = memory_size(memory_limit)
     if verify:
         if users or dry_run or full:
             raise UsageError("--verify compares every user: drop --user, --dry-run and --full")
         with open_db(dsn) as db:
-            result = verify_derivation(db, lookback=window, rules=loaded, as_of=timestamp(as_of))
+            result = verify_derivation(
+                db,
+                lookback=window,
+                rules=loaded,
+                as_of=timestamp(as_of),
+                shards=shards,
+                memory_limit=limit,
+            )
         print_verify(result, as_json=as_json)
         if not result.equal:
             raise typer.Exit(1)
@@ -81,7 +96,15 @@ def run_cmd(
     when = timestamp(as_of) or utc_now()
     with open_db(dsn) as db:
         report = run_derivation(
-            db, as_of=when, lookback=window, rules=loaded, users=users, dry_run=dry_run, full=full
+            db,
+            as_of=when,
+            lookback=window,
+            rules=loaded,
+            users=users,
+            dry_run=dry_run,
+            full=full,
+            shards=shards,
+            memory_limit=limit,
         )
     if as_json:
         print_json(report.as_dict())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import polars as pl
@@ -115,6 +115,25 @@ class Db:
                 raise self._wrap(exc, sql) from exc
         return table
 
+    def stream_df(self, sql: str) -> Iterator[pl.DataFrame]:
+        """Run a query (no parameters: the driver's COPY path) and yield its rows batch by batch.
+
+        Only one batch is held at a time (plus the driver's read-ahead), so the result may be
+        larger than memory.
+        """
+        import adbc_driver_manager
+
+        with self._conn.cursor() as cur:
+            try:
+                cur.execute(sql)
+                reader = cur.fetch_record_batch()
+                for batch in reader:
+                    frame = pl.from_arrow(_plain_arrow(pa.Table.from_batches([batch])))
+                    assert isinstance(frame, pl.DataFrame)
+                    yield frame
+            except adbc_driver_manager.Error as exc:
+                raise self._wrap(exc, sql) from exc
+
     def fetch_df(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
         """Like :meth:`fetch_arrow`, as a Polars frame (uuid columns arrive as 16-byte binary)."""
         frame = pl.from_arrow(_plain_arrow(self.fetch_arrow(sql, params)))
@@ -147,14 +166,23 @@ class Db:
         for name, value in settings.items():
             self.execute("SELECT set_config($1, $2, true)", (f"derive.{name}", value))
 
-    def ingest(self, table: str, data: pl.DataFrame | pa.Table) -> int:
-        """Bulk-load ``data`` into a new temporary table ``table`` (binary COPY). Returns rows."""
+    def ingest(
+        self,
+        table: str,
+        data: pl.DataFrame | pa.Table,
+        *,
+        mode: Literal["create", "append"] = "create",
+    ) -> int:
+        """Bulk-load ``data`` into a temporary table ``table`` (binary COPY). Returns rows.
+
+        ``mode="create"`` makes the table; ``"append"`` adds to one made before.
+        """
         import adbc_driver_manager
 
         arrow = data.to_arrow() if isinstance(data, pl.DataFrame) else data
         with self._conn.cursor() as cur:
             try:
-                rows = cur.adbc_ingest(table, arrow, mode="create", temporary=True)
+                rows = cur.adbc_ingest(table, arrow, mode=mode, temporary=True)
             except adbc_driver_manager.Error as exc:
                 raise self._wrap(exc, f"COPY INTO temporary table {table}") from exc
         return int(rows if rows is not None and rows >= 0 else arrow.num_rows)

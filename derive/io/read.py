@@ -10,8 +10,10 @@ in the transforms (SPEC §2.2: only a finite JSON number is a number).
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -169,14 +171,104 @@ def set_window(
     )
 
 
-def read_events(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
-    """The lookback window of events (non-null user, non-system), one Arrow read."""
-    return _conform(db.fetch_df(EVENTS_USERS_SQL if users else EVENTS_WINDOW_SQL), EVENTS)
+def _user_range(column: str, lo: bytes | None, hi: bytes | None) -> str:
+    """The ``[lo, hi)`` user_id condition as SQL over ``derive.shard_lo/hi`` (open end: none)."""
+    parts = []
+    if lo is not None:
+        parts.append(f"{column} >= current_setting('derive.shard_lo')::uuid")
+    if hi is not None:
+        parts.append(f"{column} < current_setting('derive.shard_hi')::uuid")
+    return "".join(f"\n   AND {p}" for p in parts)
 
 
-def read_states(db: Db, *, users: Sequence[str] = ()) -> pl.DataFrame:
+def set_user_range(db: Db, lo: bytes | None, hi: bytes | None) -> None:
+    """Bind a shard's user_id bounds (16-byte uuids) for the range reads of this transaction."""
+    db.set_local(
+        shard_lo="" if lo is None else str(uuid.UUID(bytes=lo)),
+        shard_hi="" if hi is None else str(uuid.UUID(bytes=hi)),
+    )
+
+
+def read_events(
+    db: Db,
+    *,
+    users: Sequence[str] = (),
+    user_range: tuple[bytes | None, bytes | None] | None = None,
+) -> pl.DataFrame:
+    """The lookback window of events (non-null user, non-system), one Arrow read.
+
+    ``user_range``: only the users in ``[lo, hi)`` (bound with :func:`set_user_range` first).
+    """
+    if users:
+        return _conform(db.fetch_df(EVENTS_USERS_SQL), EVENTS)
+    sql = EVENTS_WINDOW_SQL
+    if user_range is not None:
+        sql += _user_range("e.user_id", *user_range)
+    return _conform(db.fetch_df(sql), EVENTS)
+
+
+def stream_events(db: Db) -> Iterator[pl.DataFrame]:
+    """The whole window (as :func:`read_events`), batch by batch."""
+    for frame in db.stream_df(EVENTS_WINDOW_SQL):
+        yield _conform(frame, EVENTS)
+
+
+def stream_states(db: Db) -> Iterator[pl.DataFrame]:
+    """Every stored state (as :func:`read_states`), batch by batch."""
+    for frame in db.stream_df(STATES_SQL):
+        yield _conform(frame, STORED_STATES)
+
+
+def read_states(
+    db: Db,
+    *,
+    users: Sequence[str] = (),
+    user_range: tuple[bytes | None, bytes | None] | None = None,
+) -> pl.DataFrame:
     """Stored states with their last audit row's ``new_state`` resolved (point lookups)."""
-    return _conform(db.fetch_df(STATES_USERS_SQL if users else STATES_SQL), STORED_STATES)
+    if users:
+        return _conform(db.fetch_df(STATES_USERS_SQL), STORED_STATES)
+    sql = STATES_SQL
+    if user_range is not None:
+        sql += " WHERE true" + _user_range("s.user_id", *user_range)
+    return _conform(db.fetch_df(sql), STORED_STATES)
+
+
+#: The heaviest users of the table by the planner's statistics (candidates for the largest user
+#: of a window; counted exactly by ``_USER_WINDOW_ROWS``).
+_HEAVY_USERS_SQL = """
+SELECT u::text
+  FROM pg_stats s, unnest(s.most_common_vals::text::text[]) AS u
+ WHERE s.schemaname = current_schema() AND s.tablename = 'audience_events'
+   AND s.attname = 'user_id'
+ LIMIT 5
+"""
+_USER_WINDOW_ROWS = """
+SELECT count(*) FROM audience_events
+ WHERE user_id = $1::uuid AND event_category <> 'system' AND created_at >= $2 AND created_at <= $3
+"""
+_WINDOW_ESTIMATE_SQL = """
+EXPLAIN (FORMAT JSON)
+SELECT 1 FROM audience_events
+ WHERE user_id IS NOT NULL AND event_category <> 'system' AND created_at >= $1 AND created_at <= $2
+"""
+
+
+def estimate_window(db: Db, *, window_start: datetime, as_of: datetime) -> tuple[int, int]:
+    """The planner's estimate of the window's rows, and the largest known user's exact rows.
+
+    The largest user is looked for among the table's most common user_ids (``pg_stats``); with
+    no statistics it is 0 (the run checks each shard's largest user as it reads it).
+    """
+    plan = db.fetch_value(_WINDOW_ESTIMATE_SQL, (window_start, as_of))
+    parsed = json.loads(plan) if isinstance(plan, str) else plan
+    rows = int(parsed[0]["Plan"]["Plan Rows"])
+    heavy = [str(u) for (u,) in db.fetch_all(_HEAVY_USERS_SQL)]
+    largest = 0
+    for user in heavy:
+        n = int(db.fetch_value(_USER_WINDOW_ROWS, (user, window_start, as_of)))
+        largest = max(largest, n)
+    return rows, largest
 
 
 def read_state_counts(db: Db) -> dict[str, int]:

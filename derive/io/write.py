@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
+import pyarrow as pa
 
 from derive.io.connect import Db
 from derive.io.runlog import Run
@@ -188,10 +190,126 @@ class WriteResult:
     timings: dict[str, float]
 
 
-def _stage(db: Db, name: str, frame: pl.DataFrame, columns: dict[str, pl.DataType]) -> None:
-    db.execute(f"DROP TABLE IF EXISTS {name}")
+def _stage(
+    db: Db, name: str, frame: pl.DataFrame | pa.Table, columns: dict[str, pl.DataType]
+) -> int:
+    """Append ``frame`` to the temp table ``name`` (made by :meth:`StagedWrite.__init__`)."""
+    if isinstance(frame, pa.Table):
+        frame = pl.DataFrame(pl.from_arrow(frame))
     typed = frame.select([pl.col(c).cast(t) for c, t in columns.items()])
-    db.ingest(name, typed)
+    if typed.height == 0:
+        return 0
+    return db.ingest(name, typed, mode="append")
+
+
+_STAGED = {
+    "derive_tmp_audit": _AUDIT_COLUMNS,
+    "derive_tmp_states": _STATE_COLUMNS,
+    "derive_tmp_rejections": _REJECTION_COLUMNS,
+    "derive_tmp_rejected": _REJECTED_COLUMNS,
+    "derive_tmp_evaluated": _EVALUATED_COLUMNS,
+}
+
+
+class StagedWrite:
+    """The derivation's write transaction, filled in parts (one per shard) and applied once.
+
+    Opened with :func:`staged_write`: the transaction starts at once; :meth:`stage` COPYs one
+    part's rows into the temp tables; :meth:`finish` runs the insert and upsert statements over
+    everything staged and calls ``before_commit``; the commit follows. Nothing is visible to
+    anyone else before that commit, so a crash at any point leaves the tables as they were.
+    """
+
+    def __init__(
+        self, db: Db, *, run: Run, as_of: datetime, derived_by: str, rules_version: str
+    ) -> None:
+        self.db = db
+        self.run = run
+        self.as_of = as_of
+        self.derived_by = derived_by
+        self.rules_version = rules_version
+        self.timings: dict[str, float] = {"write_copy": 0.0}
+        run.mark(db)
+        db.set_local(as_of=as_of.isoformat(), derived_by=derived_by, rules_version=rules_version)
+        for name, columns in _STAGED.items():
+            db.execute(f"DROP TABLE IF EXISTS {name}")
+            db.ingest(name, pl.DataFrame(schema=columns), mode="create")
+
+    def stage(
+        self,
+        *,
+        states: pl.DataFrame | pa.Table,
+        audit: pl.DataFrame | pa.Table,
+        rejections: pl.DataFrame | pa.Table,
+        rejected: pl.DataFrame | pa.Table,
+        evaluated: pl.Series | None = None,
+    ) -> None:
+        """COPY one part's rows (see :func:`write_derivation` for what each frame holds)."""
+        started = time.perf_counter()
+        if isinstance(audit, pa.Table):
+            audit = pl.DataFrame(pl.from_arrow(audit))
+        meta = audit_metadata(
+            audit,
+            run_id=self.run.run_id,
+            as_of=self.as_of,
+            derived_by=self.derived_by,
+            rules_version=self.rules_version,
+        )
+        _stage(self.db, "derive_tmp_audit", meta, _AUDIT_COLUMNS)
+        _stage(self.db, "derive_tmp_states", states, _STATE_COLUMNS)
+        _stage(self.db, "derive_tmp_rejections", rejections, _REJECTION_COLUMNS)
+        _stage(self.db, "derive_tmp_rejected", rejected, _REJECTED_COLUMNS)
+        if evaluated is not None:
+            _stage(
+                self.db, "derive_tmp_evaluated", evaluated.to_frame("user_id"), _EVALUATED_COLUMNS
+            )
+        self.timings["write_copy"] = round(
+            self.timings["write_copy"] + time.perf_counter() - started, 4
+        )
+
+    def finish(
+        self,
+        *,
+        evaluated_all: bool,
+        requests_upto: int = 0,
+        before_commit: Callable[[WriteResult], None] = lambda _written: None,
+    ) -> WriteResult:
+        """Apply everything staged (``evaluated_all``: the rejected set is replaced, not amended)."""
+        db, timings = self.db, self.timings
+        clock = time.perf_counter()
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[step] = round(now - clock, 4)
+            clock = now
+
+        audit_rows = _count(db, _INSERT_AUDIT)
+        fail_rows = _count(db, _INSERT_REJECTIONS)
+        lap("write_audit")
+        written = _count(db, _UPSERT_STATES)
+        lap("write_states")
+        db.execute(_FORGET_ALL_REJECTED if evaluated_all else _FORGET_EVALUATED)
+        db.execute(_KEEP_REJECTED)
+        if requests_upto > 0:
+            db.execute(_SERVE_REQUESTS, (requests_upto,))
+        for name in _STAGED:
+            db.execute(f"DROP TABLE {name}")
+        lap("write_bookkeeping")
+        result = WriteResult(written, audit_rows, fail_rows, timings)
+        before_commit(result)
+        return result
+
+
+@contextmanager
+def staged_write(
+    db: Db, *, run: Run, as_of: datetime, derived_by: str, rules_version: str
+) -> Iterator[StagedWrite]:
+    """Open the write transaction as ``service_role``; commit when the block ends normally."""
+    with db.transaction(role="service_role"):
+        yield StagedWrite(
+            db, run=run, as_of=as_of, derived_by=derived_by, rules_version=rules_version
+        )
 
 
 def write_derivation(
@@ -223,54 +341,23 @@ def write_derivation(
 
     The transaction commits only at the end: a crash at any point leaves the tables as they were.
     """
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[step] = round(now - clock, 4)
-        clock = now
-
-    staged = [
-        "derive_tmp_audit",
-        "derive_tmp_states",
-        "derive_tmp_rejections",
-        "derive_tmp_rejected",
-    ]
-    with db.transaction(role="service_role"):
-        run.mark(db)
-        db.set_local(as_of=as_of.isoformat(), derived_by=derived_by, rules_version=rules_version)
-        meta = audit_metadata(
-            audit,
-            run_id=run.run_id,
-            as_of=as_of,
-            derived_by=derived_by,
-            rules_version=rules_version,
+    with staged_write(
+        db, run=run, as_of=as_of, derived_by=derived_by, rules_version=rules_version
+    ) as write:
+        write.stage(
+            states=states,
+            audit=audit,
+            rejections=rejections,
+            rejected=rejected,
+            evaluated=evaluated,
         )
-        _stage(db, "derive_tmp_audit", meta, _AUDIT_COLUMNS)
-        _stage(db, "derive_tmp_states", states, _STATE_COLUMNS)
-        _stage(db, "derive_tmp_rejections", rejections, _REJECTION_COLUMNS)
-        _stage(db, "derive_tmp_rejected", rejected, _REJECTED_COLUMNS)
-        if evaluated is not None:
-            _stage(db, "derive_tmp_evaluated", evaluated.to_frame("user_id"), _EVALUATED_COLUMNS)
-            staged.append("derive_tmp_evaluated")
-        lap("write_copy")
-        audit_rows = _count(db, _INSERT_AUDIT)
-        fail_rows = _count(db, _INSERT_REJECTIONS)
-        lap("write_audit")
-        written = _count(db, _UPSERT_STATES)
-        lap("write_states")
-        db.execute(_FORGET_ALL_REJECTED if evaluated is None else _FORGET_EVALUATED)
-        db.execute(_KEEP_REJECTED)
-        if requests_upto > 0:
-            db.execute(_SERVE_REQUESTS, (requests_upto,))
-        for name in staged:
-            db.execute(f"DROP TABLE {name}")
-        lap("write_bookkeeping")
-        result = WriteResult(written, audit_rows, fail_rows, timings)
-        before_commit(result)
-    lap("write_commit")
+        result = write.finish(
+            evaluated_all=evaluated is None,
+            requests_upto=requests_upto,
+            before_commit=before_commit,
+        )
+        applied = time.perf_counter()
+    result.timings["write_commit"] = round(time.perf_counter() - applied, 4)
     return result
 
 

@@ -16,9 +16,12 @@ which users are read. The run holds the job's lease throughout and is logged in
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -26,15 +29,17 @@ from typing import Any, Literal
 import polars as pl
 
 from derive import __version__
-from derive.config import STATES, Rules, format_duration
+from derive.config import STATES, Rules, format_duration, machine_memory, parse_size
 from derive.errors import UsageError
 from derive.io import incremental, read
 from derive.io.connect import Db
 from derive.io.runlog import job_run
-from derive.io.write import WriteResult, write_derivation
+from derive.io.spill import ShardSpill
+from derive.io.write import StagedWrite, WriteResult, staged_write, write_derivation
 from derive.schema import EVENTS, STORED_STATES, empty
 from derive.transforms.monotone import non_monotone
 from derive.transforms.pipeline import Derivation, derive_states
+from derive.transforms.shard import ShardBounds, ShardDiff, Totals, derive_shard, shard_bounds
 
 JOB = "derive"
 Mode = Literal["full", "incremental", "users"]
@@ -312,6 +317,208 @@ def _distributions(d: Derivation, inputs: Inputs) -> tuple[dict[str, int], dict[
     return before, after
 
 
+#: Peak bytes of the process per window row (measured: 1.5 GiB at M for 2.07M rows, 13.6 GiB at L
+#: for 20.7M rows, ~690 bytes/row), and the margin the shard count keeps below the limit.
+BYTES_PER_ROW = 700
+SAFETY = 1.5
+MAX_SHARDS = 4096
+
+
+def default_memory_limit() -> int:
+    """``DERIVE_MEMORY_LIMIT`` when set, else a quarter of the machine's memory."""
+    text = os.environ.get("DERIVE_MEMORY_LIMIT")
+    if text:
+        return parse_size(text)
+    return machine_memory() // 4
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How a full run splits its users, and the estimate it was chosen from."""
+
+    count: int
+    memory_limit: int
+    estimated_rows: int
+    largest_user_rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in the run's counts)."""
+        return {
+            "shards": self.count,
+            "memory_limit_bytes": self.memory_limit,
+            "estimated_window_rows": self.estimated_rows,
+        }
+
+
+def check_user_fits(rows: int, memory_limit: int) -> None:
+    """A usage error when one user's window alone needs more than the limit (shards cannot help)."""
+    need = rows * BYTES_PER_ROW
+    if need > memory_limit:
+        raise UsageError(
+            f"--memory-limit {_mib(memory_limit)} is too small: one user has {rows} events in the"
+            f" window (~{_mib(need)}), and a user is never split across shards; raise"
+            f" --memory-limit to at least {_mib(math.ceil(need * SAFETY))}, or shorten --lookback"
+        )
+
+
+def plan_shards(
+    db: Db,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    memory_limit: int | None = None,
+    shards: int | None = None,
+) -> ShardPlan:
+    """Choose the shard count: ``shards`` (or ``DERIVE_SHARDS``) when given, else from the window.
+
+    The window's rows are the planner's estimate; rows x ``BYTES_PER_ROW`` x ``SAFETY`` divided
+    by the limit, rounded up.
+
+    Raises:
+        UsageError: a bad ``DERIVE_MEMORY_LIMIT``/``DERIVE_SHARDS``, or a limit smaller than the
+            largest single user's window.
+    """
+    limit = memory_limit if memory_limit is not None else default_memory_limit()
+    if shards is None and os.environ.get("DERIVE_SHARDS"):
+        text = os.environ["DERIVE_SHARDS"]
+        if not text.strip().isdigit() or not 1 <= int(text) <= MAX_SHARDS:
+            raise UsageError(f"invalid DERIVE_SHARDS {text!r}: use a whole number 1..{MAX_SHARDS}")
+        shards = int(text)
+    rows, largest = read.estimate_window(db, window_start=as_of - lookback, as_of=as_of)
+    db.rollback()
+    check_user_fits(largest, limit)
+    if shards is None:
+        shards = min(MAX_SHARDS, max(1, math.ceil(rows * BYTES_PER_ROW * SAFETY / limit)))
+    return ShardPlan(shards, limit, rows, largest)
+
+
+@dataclass
+class ShardedInputs:
+    """What a sharded full run reads once (the shards' rows are read one range at a time)."""
+
+    reader: Db
+    recent: pl.DataFrame
+    side: dict[str, int | None]
+    snapshot: str
+    exported: str
+    requests_upto: int
+
+
+def _open_sharded_read(
+    db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules
+) -> ShardedInputs:
+    """One REPEATABLE READ snapshot on a sibling connection, held while the shards are read.
+
+    Every shard's read runs in that one transaction, so all shards see one consistent database
+    (``exported`` lets another connection, or another process, adopt the same snapshot).
+    """
+    reader = db.sibling()
+    try:
+        exported = read.begin_snapshot(reader)
+        read.set_window(reader, as_of=as_of, lookback=lookback, relog_after=rules.relog_after)
+        snapshot = incremental.read_snapshot(reader)
+        recent = read.read_recent_rejections(reader)
+        side = read.read_side_counts(reader, window_start=as_of - lookback, as_of=as_of)
+        upto = incremental.pending_requests(reader)
+    except BaseException:
+        reader.close()
+        raise
+    return ShardedInputs(reader, recent, dict(side), snapshot, exported, upto)
+
+
+def _read_shard(reader: Db, bounds: ShardBounds) -> tuple[pl.DataFrame, pl.DataFrame]:
+    read.set_user_range(reader, bounds.lo, bounds.hi)
+    span = (bounds.lo, bounds.hi)
+    return read.read_events(reader, user_range=span), read.read_states(reader, user_range=span)
+
+
+#: How a sharded run reads its shards: ``"ranges"``, one user_id range query per shard, or
+#: ``"stream"``, one streamed read of the window partitioned on the client (spilled as Arrow IPC).
+SHARD_READ = os.environ.get("DERIVE_SHARD_READ", "stream")
+
+
+def _shard_inputs(
+    run: Any, inputs: ShardedInputs, plan: ShardPlan
+) -> Iterator[tuple[ShardBounds, pl.DataFrame, pl.DataFrame]]:
+    """Each shard's (bounds, events, stored states), read in one snapshot."""
+    bounds = shard_bounds(plan.count)
+    if SHARD_READ == "ranges":
+        for shard in bounds:
+            with run.phase("read"):
+                events, stored = _read_shard(inputs.reader, shard)
+            yield shard, events, stored
+        return
+    with ShardSpill(bounds) as spill:
+        with run.phase("read"):
+            spill.spill("events", read.stream_events(inputs.reader), EVENTS)
+            spill.spill("states", read.stream_states(inputs.reader), STORED_STATES)
+        for shard in bounds:
+            with run.phase("read"):
+                events = spill.read("events", shard.index)
+                stored = spill.read("states", shard.index)
+            yield shard, events, stored
+
+
+def _largest_user(events: pl.DataFrame) -> int:
+    if events.height == 0:
+        return 0
+    counts = events.group_by("user_id").len().get_column("len")
+    return int(counts.max() or 0)  # type: ignore[arg-type]
+
+
+def _derive_shards(
+    run: Any,
+    inputs: ShardedInputs,
+    plan: ShardPlan,
+    *,
+    as_of: datetime,
+    rules: Rules,
+    each: Any,
+) -> Totals:
+    """Read, derive and hand over (``each(diff, stored)``) every shard in turn; sum the counts."""
+    totals = Totals()
+    for bounds, events, stored in _shard_inputs(run, inputs, plan):
+        check_user_fits(_largest_user(events), plan.memory_limit)
+        with run.phase("compute"):
+            diff = derive_shard(bounds, events, stored, inputs.recent, as_of=as_of, rules=rules)
+        del events
+        totals.add(diff)
+        each(diff, stored)
+        del stored, diff
+    return totals
+
+
+def _stage_diff(write: StagedWrite, diff: ShardDiff) -> None:
+    write.stage(
+        states=diff.states,
+        audit=diff.audit,
+        rejections=diff.to_log,
+        rejected=diff.rejected.select(["user_id", "reasons_key"]),
+    )
+
+
+def _totals_counts(totals: Totals, side: dict[str, int | None]) -> dict[str, Any]:
+    return {
+        "events_read": totals.events_read,
+        "events_invalid": totals.invalid,
+        "events_deduplicated": totals.deduplicated,
+        "events_anonymous": side["anonymous"],
+        "events_future": side["future"],
+        "system_rows_malformed": side["system_rows_malformed"],
+        "users_evaluated": totals.users_evaluated,
+        "users_changed": totals.users_changed,
+        "state_changes": totals.state_changes,
+        "users_rejected": totals.users_rejected,
+        "rejected_by_reason": totals.sorted_reasons(),
+        "rejections_logged": totals.rejections_logged,
+        "audit_rows": totals.audit_rows,
+    }
+
+
 def run_derivation(
     db: Db,
     *,
@@ -321,11 +528,18 @@ def run_derivation(
     users: Sequence[str] = (),
     dry_run: bool = False,
     full: bool = False,
+    shards: int | None = None,
+    memory_limit: int | None = None,
 ) -> RunReport:
     """Run the audience-state derivation once (incremental when a base allows it).
 
+    A full run splits its users into ``shards`` user_id ranges (default: as many as keep each
+    shard's window under ``memory_limit``, see :func:`plan_shards`); the shards' rows are staged
+    into one write transaction as each is derived, and applied and committed once.
+
     Raises:
         LockBusy: another run holds the lease (recorded as ``skipped``; exit 75).
+        UsageError: ``memory_limit`` is smaller than the largest single user's window.
     """
     args = {"users": list(users), "dry_run": dry_run, "rules": rules.source, "full": full}
     with job_run(
@@ -338,6 +552,22 @@ def run_derivation(
         record=not dry_run,
     ) as run:
         plan = plan_run(db, as_of=as_of, lookback=lookback, rules=rules, users=users, full=full)
+        if plan.mode == "full":
+            sharding = plan_shards(
+                db, as_of=as_of, lookback=lookback, memory_limit=memory_limit, shards=shards
+            )
+            if sharding.count > 1:
+                report = _sharded_run(
+                    db,
+                    run,
+                    plan,
+                    sharding,
+                    as_of=as_of,
+                    lookback=lookback,
+                    rules=rules,
+                    dry_run=dry_run,
+                )
+                return report
         with run.phase("read"):
             inputs = read_inputs(
                 db, as_of=as_of, lookback=lookback, rules=rules, users=users, plan=plan
@@ -396,6 +626,89 @@ def run_derivation(
     )
 
 
+def _sharded_run(
+    db: Db,
+    run: Any,
+    plan: Plan,
+    sharding: ShardPlan,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    rules: Rules,
+    dry_run: bool,
+) -> RunReport:
+    """A full run in ``sharding.count`` user ranges, one write transaction for all of them."""
+    with run.phase("read"):
+        inputs = _open_sharded_read(db, as_of=as_of, lookback=lookback, rules=rules)
+    run.extra = {
+        "mode": plan.mode,
+        "full_reason": plan.full_reason,
+        "base_run_id": None,
+        "read_snapshot": inputs.snapshot,
+    }
+    counts: dict[str, Any] = {}
+    try:
+        if dry_run:
+            totals = _derive_shards(
+                run, inputs, sharding, as_of=as_of, rules=rules, each=lambda _d, _s: None
+            )
+            counts = _totals_counts(totals, inputs.side)
+            counts["shards"] = sharding.as_dict()
+        else:
+            with staged_write(
+                db,
+                run=run,
+                as_of=as_of,
+                derived_by=f"derive {__version__}",
+                rules_version=rules.tag,
+            ) as write:
+                totals = _derive_shards(
+                    run,
+                    inputs,
+                    sharding,
+                    as_of=as_of,
+                    rules=rules,
+                    each=lambda diff, _stored: _stage_diff(write, diff),
+                )
+                inputs.reader.rollback()
+                counts = _totals_counts(totals, inputs.side)
+                counts["shards"] = sharding.as_dict()
+                write_started = time.perf_counter()
+
+                def finish(written: WriteResult) -> None:
+                    counts["users_changed"] = written.states_written
+                    counts["audit_rows"] = written.audit_rows
+                    counts["rejections_logged"] = written.validation_fail_rows
+                    run.counts.update(
+                        counts, states_before=totals.before, states_after=totals.after
+                    )
+                    run.timings.update(written.timings)
+                    run.timings["write"] = round(
+                        time.perf_counter() - write_started + written.timings["write_copy"], 4
+                    )
+                    run.finish_in(db)
+
+                write.finish(
+                    evaluated_all=True, requests_upto=inputs.requests_upto, before_commit=finish
+                )
+    finally:
+        inputs.reader.close()
+    return RunReport(
+        run_id=run.run_id,
+        as_of=as_of,
+        lookback=lookback,
+        rules_version=rules.tag,
+        dry_run=dry_run,
+        mode=plan.mode,
+        full_reason=plan.full_reason,
+        base_run_id=None,
+        counts=counts,
+        timings=dict(run.timings),
+        before=totals.before,
+        after=totals.after,
+    )
+
+
 @dataclass
 class VerifyReport:
     """A full dry run compared with the stored states (``derive run --verify``)."""
@@ -435,6 +748,8 @@ def verify_derivation(
     lookback: timedelta,
     rules: Rules,
     as_of: datetime | None = None,
+    shards: int | None = None,
+    memory_limit: int | None = None,
 ) -> VerifyReport:
     """Recompute every user from scratch and list those whose stored row a full run would change.
 
@@ -448,15 +763,55 @@ def verify_derivation(
                 "nothing to verify: no full or incremental `derive run` has succeeded here yet"
             )
         as_of = base.as_of
-    inputs = _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
-    result = derive_states(inputs.events, inputs.stored, inputs.recent, as_of=as_of, rules=rules)
-    stored = inputs.stored.select(
+    sharding = plan_shards(
+        db, as_of=as_of, lookback=lookback, memory_limit=memory_limit, shards=shards
+    )
+    if sharding.count == 1:
+        inputs = _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
+        result = derive_states(
+            inputs.events, inputs.stored, inputs.recent, as_of=as_of, rules=rules
+        )
+        differences = _differences(inputs.stored, result.writes, result.rejected)
+        return VerifyReport(
+            as_of=as_of, users_compared=result.users_evaluated, differences=differences
+        )
+    sharded = _open_sharded_read(db, as_of=as_of, lookback=lookback, rules=rules)
+    pieces: list[pl.DataFrame] = []
+
+    def compare(diff: ShardDiff, stored: pl.DataFrame) -> None:
+        writes = pl.DataFrame(pl.from_arrow(diff.states))
+        rejected = pl.DataFrame(pl.from_arrow(diff.rejected))
+        pieces.append(_differences(stored, writes, rejected))
+
+    try:
+        totals = _derive_shards(
+            _Untimed(), sharded, sharding, as_of=as_of, rules=rules, each=compare
+        )
+    finally:
+        sharded.reader.close()
+    differences = pl.concat(pieces).sort("user_id")
+    return VerifyReport(as_of=as_of, users_compared=totals.users_evaluated, differences=differences)
+
+
+class _Untimed:
+    """Stands in for a run's phase timer where nothing is recorded (``--verify``)."""
+
+    @contextmanager
+    def phase(self, _name: str) -> Iterator[None]:
+        yield
+
+
+def _differences(
+    stored: pl.DataFrame, writes: pl.DataFrame, rejected: pl.DataFrame
+) -> pl.DataFrame:
+    """The users whose stored row a full run would change (``VERIFY_COLUMNS``), by user_id."""
+    stored = stored.select(
         "user_id",
         stored_state="current_state",
         stored_score="engagement_score",
         stored_last_event_type="last_event_type",
     )
-    written = result.writes.select(
+    written = writes.select(
         "user_id",
         problem=pl.when(pl.col("state_changed"))
         .then(pl.lit("state differs"))
@@ -465,10 +820,10 @@ def verify_derivation(
         derived_score="engagement_score",
         derived_last_event_type="last_event_type",
     )
-    jumps = result.rejected.filter(pl.col("reasons").list.contains("state_jump")).select(
+    jumps = rejected.filter(pl.col("reasons").list.contains("state_jump")).select(
         "user_id", problem=pl.lit("state_jump: stored state disagrees with its audit trail")
     )
-    differences = (
+    return (
         pl.concat([written, jumps], how="diagonal_relaxed")
         .unique("user_id", keep="first", maintain_order=True)
         .join(stored, on="user_id", how="left")
@@ -476,4 +831,3 @@ def verify_derivation(
         .select(VERIFY_COLUMNS)
         .sort("user_id")
     )
-    return VerifyReport(as_of=as_of, users_compared=result.users_evaluated, differences=differences)
