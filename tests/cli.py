@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 
-def derive(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``derive ARGS`` in its own process; output captured as text, never raises on failure."""
+def derive(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None, columns: int = 160
+) -> subprocess.CompletedProcess[str]:
+    """``derive ARGS`` in its own process; output captured as text, never raises on failure.
+
+    ``env`` adds variables to the plain environment (PATH, COLUMNS, NO_COLOR).
+    """
     return subprocess.run(
         [sys.executable, "-m", "derive.cli", *args],
         capture_output=True,
@@ -17,7 +22,8 @@ def derive(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]
         check=False,
         env={
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "COLUMNS": "160",
+            "COLUMNS": str(columns),
             "NO_COLOR": "1",
+            **(env or {}),
         },
     )

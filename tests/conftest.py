@@ -1,14 +1,17 @@
 """Shared fixtures.
 
-Database tests run against a real PostgreSQL: ``DERIVE_TEST_DSN`` when set, otherwise the embedded
-server (in a temporary DERIVE_HOME). Each test gets its own database, cloned from a template that
-is migrated once per session, so tests are isolated and can run in any order or in parallel.
+Database tests run against a real PostgreSQL: ``DERIVE_TEST_DSN`` when set, otherwise an embedded
+server in ``DERIVE_TEST_HOME``, else in ``$DERIVE_HOME/test-server``, else in a temporary folder.
+A server the session started is stopped when the session ends (a temporary folder is removed).
+Each test gets its own database, cloned from a template that is migrated once per session, so
+tests are isolated and can run in any order or in parallel.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,6 +22,45 @@ import psycopg
 import pytest
 
 from derive.io import migrate as migrations
+
+# The embedded server of this session: its home, whether that is a temporary folder, whether the
+# server ran before the session started.
+_SERVER = pytest.StashKey[tuple[Path, bool, bool]]()
+
+
+def _embedded_home() -> tuple[Path, bool]:
+    """Where the embedded test server lives, and whether that folder is a temporary one."""
+    if os.environ.get("DERIVE_TEST_HOME"):
+        return Path(os.environ["DERIVE_TEST_HOME"]), False
+    if os.environ.get("DERIVE_HOME"):
+        return Path(os.environ["DERIVE_HOME"]).expanduser() / "test-server", False
+    # Outside pytest's temp root: pytest narrows that to mode 0700 on every run, which locks out
+    # the server's own user when tests run as root.
+    return Path(tempfile.mkdtemp(prefix="derive-test-pg-")), True
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the controlling process: pick the embedded server's home for every worker."""
+    if hasattr(config, "workerinput") or os.environ.get("DERIVE_TEST_DSN"):
+        return
+    from derive.io.embedded import running_port
+
+    home, temporary = _embedded_home()
+    os.environ["DERIVE_TEST_HOME"] = str(home)  # inherited by the workers, started later
+    config.stash[_SERVER] = (home, temporary, running_port(home) is not None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """In the controlling process: stop the server this session started (after every worker)."""
+    if _SERVER not in config.stash:
+        return
+    from derive.io.embedded import stop_server
+
+    home, temporary, was_running = config.stash[_SERVER]
+    if not was_running:
+        stop_server(home)
+    if temporary:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -35,10 +77,7 @@ def admin_dsn() -> str:
         return dsn
     from derive.io.embedded import ensure_server
 
-    # A fixed place outside pytest's temp root (pytest narrows that to mode 0700 on every run,
-    # which locks out the server's own user when tests run as root). The server is reused.
-    default = Path(tempfile.gettempdir()) / f"derive-test-pg-{os.getuid()}"
-    home = Path(os.environ.get("DERIVE_TEST_HOME", default))
+    home = Path(os.environ["DERIVE_TEST_HOME"])  # set by pytest_configure
     return with_database(ensure_server(home), "postgres")
 
 

@@ -110,3 +110,20 @@ def test_the_crontab_verifies_nightly() -> None:
 
     assert lines[3].startswith("30 4 * * * set -a")  # after the nightly prune
     assert lines[3].endswith("derive run --lookback 120d --verify >> /var/log/derive/run.log 2>&1")
+
+
+def test_units_run_as_a_named_user_and_say_what_the_env_file_and_log_folder_need() -> None:
+    result = schedule_units(executable="/opt/derive/bin/derive", user="analytics")
+
+    assert "User=analytics" in result["derive-run.service"]
+    assert "User=analytics" in result["derive-watch.service"]
+    assert "DERIVE_DSN=" in result["derive-run.service"]
+    assert "DERIVE_DSN=" in result["crontab"]
+    assert "mkdir -p /var/log/derive" in result["crontab"]
+
+
+def test_schedule_command_passes_the_user_on() -> None:
+    result = derive("schedule", "--run-as", "analytics")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("User=analytics") == 2

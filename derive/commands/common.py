@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from derive.config import (
     DURATION_FORMS,
@@ -22,30 +25,116 @@ from derive.config import (
 )
 from derive.errors import UsageError
 
+
+class _Argument(TyperArgument):
+    """An argument shown as man pages show one: ``FILE`` (not ``{FILE}`` or ``FILE <path>``)."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name if self.nargs == 1 else f"{name}..."
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def _no_flag_types(params: list[Any]) -> list[Any]:
+    """Help in one style: flags show no ``<bool>`` type, arguments only their metavar."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        if type(param) is TyperArgument:
+            param.__class__ = _Argument
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """A command group whose help shows flags without a value type."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_types(super().get_params(ctx))
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def examples(*lines: str) -> Callable[[F], F]:
+    """Attach 1-3 example command lines to a command; the wiring shows them at the end of its help."""
+
+    def attach(func: F) -> F:
+        func.examples = lines  # type: ignore[attr-defined]
+        return func
+
+    return attach
+
+
+def epilog(func: Any) -> str | None:
+    """The help's closing examples of ``func`` (see :func:`examples`), as a markdown block."""
+    return epilog_of(*getattr(func, "examples", ()))
+
+
+def epilog_of(*lines: str) -> str | None:
+    """Example command lines as the markdown block that closes a help page."""
+    if not lines:
+        return None
+    return "**Examples**\n\n```\n" + "\n".join(lines) + "\n```"
+
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def duration(value: str | None) -> timedelta | None:
-    """Parse a duration option (120d, 15m, 36h); a bad value is a usage error."""
-    if value is None:
-        return None
+def duration(value: str, option: str) -> timedelta:
+    """Parse a duration option (120d, 15m, 36h); a bad value is a usage error naming ``option``."""
     try:
         return parse_duration(value)
     except UsageError as exc:
         if "out of range" in str(exc):
-            raise typer.BadParameter(str(exc)) from None
-        raise typer.BadParameter(f"{value!r} is not a duration; use {DURATION_FORMS}") from None
+            raise typer.BadParameter(str(exc), param_hint=option) from None
+        raise typer.BadParameter(
+            f"{value!r} is not a duration: use {DURATION_FORMS}", param_hint=option
+        ) from None
 
 
-def timestamp(value: str | None) -> datetime | None:
-    """Parse an ISO-8601 option; a bad value is a usage error."""
+def timestamp(value: str | None, option: str) -> datetime | None:
+    """Parse an ISO-8601 option (UTC when it has no zone); a bad value is a usage error."""
     if value is None:
         return None
     try:
         return parse_timestamp(value)
     except UsageError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+DSN_FORMS = (
+    "a URL postgresql://user[:password]@host[:port]/database, or key=value pairs such as "
+    "'host=localhost port=5432 dbname=app user=me'"
+)
+_KEY_VALUE = re.compile(r"^\s*[A-Za-z_]+\s*=")
+
+
+def dsn(value: str | None) -> str | None:
+    """Accept a PostgreSQL URL or a key=value DSN; anything else is a usage error naming both."""
+    if not value:
+        return None
+    from derive.io.connect import redact
+
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        return value
+    if sep:
+        raise typer.BadParameter(
+            f"{redact(value)!r} is a {scheme} URL, derive needs PostgreSQL: use {DSN_FORMS}"
+        )
+    if _KEY_VALUE.match(value):
+        return value
+    raise typer.BadParameter(f"{redact(value)!r} is not a PostgreSQL DSN: use {DSN_FORMS}")
 
 
 DsnOpt = Annotated[
@@ -54,17 +143,25 @@ DsnOpt = Annotated[
         "--dsn",
         envvar="DERIVE_DSN",
         show_envvar=True,
-        help="PostgreSQL URL, e.g. postgresql://user@host:5432/db (default: the embedded server).",
+        callback=dsn,
+        metavar="DSN",
+        help="PostgreSQL URL, e.g. postgresql://user@host:5432/db, or key=value pairs "
+        "(default: the embedded server).",
     ),
 ]
 RulesOpt = Annotated[
     Path | None,
-    typer.Option("--rules", help="Rules file (TOML); default: the packaged canonical rules."),
+    typer.Option(
+        "--rules",
+        help="Rules file (TOML); default: the packaged canonical rules.",
+        metavar="FILE",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+TIME_FORM = "ISO-8601, e.g. 2026-11-22T08:00:00Z or 2026-11-22; without a zone it is UTC"
 AsOfOpt = Annotated[
     str | None,
-    typer.Option("--as-of", help="Reference time, ISO-8601 (default: now).", metavar="TS"),
+    typer.Option("--as-of", help=f"Reference time, {TIME_FORM} (default: now).", metavar="TIME"),
 ]
 
 
@@ -73,9 +170,16 @@ def rules_from(path: Path | None) -> Rules:
     return load_rules(path)
 
 
+def _json_value(value: Any) -> Any:
+    # One ISO-8601 form everywhere (2026-11-22T08:00:00+00:00), as datetime.isoformat gives it.
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return str(value)
+
+
 def print_json(payload: Any) -> None:
-    """Print ``payload`` as JSON on stdout (datetimes as ISO-8601)."""
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    """Print ``payload`` as JSON on stdout (datetimes and dates as ISO-8601)."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=_json_value) + "\n")
 
 
 ShardsOpt = Annotated[
@@ -180,8 +284,13 @@ def print_run_summary(report: Any) -> None:
             ],
         )
     )
-    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
-    out.print(f"timings: {timings}")
+    print_timings(report.timings)
+
+
+def print_timings(timings: dict[str, float]) -> None:
+    """One line of per-step seconds; nothing when no step was timed (e.g. a resumed no-op)."""
+    if timings:
+        out.print("timings: " + "  ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
 
 
 MetricsRulesOpt = Annotated[
@@ -190,6 +299,7 @@ MetricsRulesOpt = Annotated[
         "--rules",
         help="Surface-metric rules (TOML): kinds, aggregation, monetary kinds, cadence; "
         "default: the packaged derive/rules/metrics.toml.",
+        metavar="FILE",
     ),
 ]
 

@@ -7,11 +7,13 @@ import typer
 from derive.commands.common import (
     DsnOpt,
     JsonOpt,
+    examples,
     out,
     print_json,
 )
 
 
+@examples("derive db migrate", "derive db migrate --dsn postgresql://postgres@127.0.0.1:5432/app")
 def db_migrate(dsn: DsnOpt = None) -> None:
     """Apply the missing schema migrations (idempotent)."""
     from derive.io.connect import connect
@@ -23,6 +25,9 @@ def db_migrate(dsn: DsnOpt = None) -> None:
         out.print(f"applied: {', '.join(done)}" if done else f"{db.label}: schema is up to date")
 
 
+@examples(
+    "derive db check", "derive db check --dsn postgresql://postgres@127.0.0.1:5432/app --json"
+)
 def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
     """Verify tables, RLS flags, grants, tenant policies and the audience_state guard.
 
@@ -31,7 +36,7 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
     from derive.io.database import open_db
     from derive.io.migrate import check
 
-    with open_db(dsn) as db:
+    with open_db(dsn, migrated=False) as db:
         results = check(db)
         label = db.label
     failed = [c for c in results if not c.ok]
@@ -46,6 +51,7 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@examples("derive db adopt --dsn postgresql://postgres@127.0.0.1:5432/app")
 def db_adopt(dsn: DsnOpt = None) -> None:
     """Give states written by another system an audit trail (one state_adopted row each).
 
@@ -61,6 +67,7 @@ def db_adopt(dsn: DsnOpt = None) -> None:
     out.print(f"adopted {adopted} state(s)")
 
 
+@examples("derive db stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server (it is started again on demand)."""
     from derive.config import derive_home

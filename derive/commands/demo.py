@@ -11,24 +11,30 @@ from derive.commands.common import (
     DsnOpt,
     JsonOpt,
     RulesOpt,
+    examples,
     out,
     print_json,
     print_run_summary,
     rules_from,
     table,
+    timestamp,
 )
-from derive.config import parse_timestamp
 
 
+@examples("derive demo-data --users 1000", "derive demo-data --users 5000 --dirty --seed 7")
 def demo_data(
     users: Annotated[
-        int, typer.Option("--users", min=1, help="Number of users to generate.")
+        int, typer.Option("--users", min=1, help="Number of users to generate.", metavar="N")
     ] = 10_000,
     days: Annotated[
-        int, typer.Option("--days", min=1, max=36500, help="Days of history up to --as-of.")
+        int,
+        typer.Option(
+            "--days", min=1, max=36500, help="Days of history up to --as-of.", metavar="N"
+        ),
     ] = 120,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, help="Random seed; same seed, same data.")
+        int,
+        typer.Option("--seed", min=0, help="Random seed; same seed, same data.", metavar="N"),
     ] = 0,
     dirty: Annotated[
         bool,
@@ -54,7 +60,7 @@ def demo_data(
     from derive.io.database import open_db
     from derive.jobs.demo import load_demo_data
 
-    reference = parse_timestamp(as_of) if as_of is not None else utc_now()
+    reference = timestamp(as_of, "--as-of") or utc_now()
     rules = rules_from(rules_file)
     with open_db(dsn) as db:
         counts = load_demo_data(
@@ -78,11 +84,14 @@ def demo_data(
     )
 
 
+@examples("derive demo", "derive demo --users 2000 --dirty")
 def demo_cmd(
     users: Annotated[
-        int, typer.Option("--users", min=1, help="Synthetic users to generate.")
+        int, typer.Option("--users", min=1, help="Synthetic users to generate.", metavar="N")
     ] = 10_000,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the generator.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed of the generator.", metavar="N")
+    ] = 0,
     dirty: Annotated[
         bool, typer.Option("--dirty", help="Mix in malformed rows, unknown categories and spam.")
     ] = False,
@@ -93,14 +102,22 @@ def demo_cmd(
     """Generate realistic events for N users and run the derivation on them.
 
     Without --dsn it uses a fresh `derive_demo` database on the embedded server (made anew on each
-    call; your `derive` database is not touched). With --dsn the database must be empty.
+    call; your `derive` database is not touched) and leaves the server running. With --dsn the
+    database must be empty. It ends with the commands to type next, with the demo's DSN.
     """
     from derive.jobs.demo_run import run_demo
 
     result = run_demo(dsn, users=users, seed=seed, dirty=dirty, rules=rules_from(rules))
     if as_json:
+        from derive.io.connect import redact
+
         print_json(
-            {"database": result.database, "loaded": result.loaded, **result.report.as_dict()}
+            {
+                "database": result.database,
+                "dsn": redact(result.dsn),
+                "loaded": result.loaded,
+                **result.report.as_dict(),
+            }
         )
         return
     loaded = result.loaded
@@ -110,3 +127,45 @@ def demo_cmd(
         f"in {loaded['seconds']:.1f}s"
     )
     print_run_summary(result.report)
+    print_next_steps(result.dsn, embedded=result.embedded)
+
+
+def print_next_steps(dsn: str, *, embedded: bool) -> None:
+    """The commands to type next, verbatim, on the demo's database (never showing a password).
+
+    The embedded server's password stays in its file: the DSN reads it with ``$(cat ...)``.
+    """
+    import os
+    import shlex
+    from urllib.parse import urlsplit
+
+    from derive.config import derive_home
+    from derive.io.connect import redact
+    from derive.io.embedded import PASSWORD_FILE
+
+    shown = shlex.quote(redact(dsn))
+    if embedded:
+        parts = urlsplit(dsn)
+        secret = (
+            f":$(cat {shlex.quote(str(derive_home() / PASSWORD_FILE))})" if parts.password else ""
+        )
+        shown = (
+            f'"{parts.scheme}://{parts.username}{secret}@{parts.hostname}:{parts.port}{parts.path}"'
+        )
+        out.print(
+            "\nThe embedded server keeps running (`derive db stop` stops it). Your `derive` "
+            "database is not the demo's: to look at the demo's data next, run",
+            markup=False,
+        )
+        lines = [f"export DERIVE_DSN={shown}", *NEXT_COMMANDS]
+    elif os.environ.get("DERIVE_DSN") == dsn:
+        out.print("\nDERIVE_DSN names the demo's database; next, run", markup=False)
+        lines = list(NEXT_COMMANDS)
+    else:
+        out.print("\nNext, on the demo's database:", markup=False)
+        lines = [f"{command} --dsn {shown}" for command in NEXT_COMMANDS]
+    for line in lines:
+        out.print(f"  {line}", markup=False)
+
+
+NEXT_COMMANDS = ("derive status", "derive report --out report.html", "derive run")

@@ -10,6 +10,7 @@ from derive.commands.common import (
     DsnOpt,
     JsonOpt,
     MetricsRulesOpt,
+    examples,
     out,
     print_json,
     table,
@@ -51,6 +52,10 @@ def ingest_exit_code(*, rejected: int, valid: int, strict: bool, allow_partial: 
     return 0
 
 
+@examples(
+    "derive ingest touchpoints touchpoints.jsonl",
+    "derive ingest touchpoints touchpoints.jsonl --json",
+)
 def ingest_touchpoints_cmd(
     file: FileArg,
     allow_partial: AllowPartialOpt = False,
@@ -107,6 +112,10 @@ def ingest_touchpoints_cmd(
         raise typer.Exit(code)
 
 
+@examples(
+    "derive ingest metrics fetch.json --user 3f2b8c1e-0b7a-4d7e-9a52-1c3e5f7a9b0d",
+    "cat fetch.jsonl | derive ingest metrics - --allow-partial",
+)
 def ingest_metrics_cmd(
     file: FileArg,
     user: Annotated[
@@ -123,7 +132,9 @@ def ingest_metrics_cmd(
     source: Annotated[
         str,
         typer.Option(
-            "--source", help="How the adapter got the numbers: native_scrape, native_api or manual."
+            "--source",
+            help="How the adapter got the numbers: native_scrape, native_api or manual.",
+            metavar="SOURCE",
         ),
     ] = "native_scrape",
     allow_partial: AllowPartialOpt = False,

@@ -9,13 +9,16 @@ from typing import Annotated
 import typer
 
 from derive.commands.common import (
+    TIME_FORM,
     AsOfOpt,
     DsnOpt,
     JsonOpt,
     MetricsRulesOpt,
     duration,
+    examples,
     out,
     print_json,
+    print_timings,
     table,
     timestamp,
 )
@@ -41,9 +44,20 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
+@examples(
+    "derive attribution",
+    "derive attribution --model all --window 14d --format csv > credits.csv",
+    "derive attribution --since 2026-11-01 --as-of 2026-11-22T00:00:00Z",
+)
 def attribution_cmd(
     model: Annotated[
-        AttributionModel, typer.Option("--model", help="Attribution model, or all of them.")
+        AttributionModel,
+        typer.Option(
+            "--model",
+            help="Attribution model: time_decay, first_touch, last_touch, linear, "
+            "position_based, or all of them.",
+            metavar="MODEL",
+        ),
     ] = AttributionModel.time_decay,
     window: Annotated[
         str,
@@ -60,13 +74,16 @@ def attribution_cmd(
     since: Annotated[
         str | None,
         typer.Option(
-            "--since", help="Only conversions at or after TS (default: all).", metavar="TS"
+            "--since",
+            help=f"Only conversions at or after this time, {TIME_FORM} (default: all).",
+            metavar="TIME",
         ),
     ] = None,
     as_of: AsOfOpt = None,
     dsn: DsnOpt = None,
     output: Annotated[
-        OutputFormat, typer.Option("--format", help="table for people, csv or json for tools.")
+        OutputFormat,
+        typer.Option("--format", help="table for people, csv or json for tools.", metavar="FORMAT"),
     ] = OutputFormat.table,
 ) -> None:
     """Credit each conversion's value to the surfaces of the prospect's prior touchpoints.
@@ -85,12 +102,10 @@ def attribution_cmd(
     from derive.schema import MODELS
 
     models = MODELS if model is AttributionModel.all else (model.value,)
-    span = duration(window)
-    decay = duration(half_life)
-    assert span is not None
-    assert decay is not None
-    start = timestamp(since)
-    when = timestamp(as_of) or utc_now()
+    span = duration(window, "--window")
+    decay = duration(half_life, "--half-life")
+    start = timestamp(since, "--since")
+    when = timestamp(as_of, "--as-of") or utc_now()
     with open_db(dsn) as db:
         report = run_attribution(
             db, models=models, window=span, half_life=decay, since=start, as_of=when
@@ -129,10 +144,10 @@ def attribution_cmd(
         out.print(
             f"{c['conversions_bad_amount']} conversions have an amount that is not a number or exceeds 18 decimal places / 20 digits (value 0)"
         )
-    timings = "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
-    out.print(f"timings: {timings}")
+    print_timings(report.timings)
 
 
+@examples("derive rollup", "derive rollup --as-of 2026-11-22T00:00:00Z --json")
 def rollup_cmd(
     as_of: AsOfOpt = None,
     rules: MetricsRulesOpt = None,
@@ -168,7 +183,7 @@ def rollup_cmd(
     from derive.metrics_rules import load_metrics_rules
 
     metrics_rules = load_metrics_rules(rules)
-    when = timestamp(as_of) or utc_now()
+    when = timestamp(as_of, "--as-of") or utc_now()
     with open_db(dsn) as db:
         result = run_rollup(db, as_of=when, rules=metrics_rules, full=full)
     if as_json:
@@ -199,5 +214,4 @@ def rollup_cmd(
         )
     if len(result.skipped) > 20:
         out.print(f"... {len(result.skipped) - 20} more (--json lists them all)")
-    timings = "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    out.print(f"timings: {timings}")
+    print_timings(result.timings)

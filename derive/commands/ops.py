@@ -10,19 +10,22 @@ from typing import Annotated, Any
 import typer
 
 from derive.commands.common import (
+    TIME_FORM,
     AsOfOpt,
     DsnOpt,
     JsonOpt,
     RulesOpt,
     duration,
     err,
+    examples,
     out,
     print_json,
+    print_timings,
     rules_from,
     table,
     timestamp,
 )
-from derive.config import DURATION_FORMS, parse_timestamp
+from derive.config import DURATION_FORMS
 from derive.errors import UsageError
 
 
@@ -34,6 +37,9 @@ class StatusFormat(StrEnum):
     openmetrics = "openmetrics"
 
 
+@examples(
+    "derive status", "derive status --check --max-lag 2h", "derive status --format openmetrics"
+)
 def status_cmd(
     max_lag: Annotated[
         list[str] | None,
@@ -45,7 +51,10 @@ def status_cmd(
         ),
     ] = None,
     runs: Annotated[
-        int, typer.Option("--runs", min=1, max=100_000, help="How many recent runs to list.")
+        int,
+        typer.Option(
+            "--runs", min=1, max=100_000, help="How many recent runs to list.", metavar="N"
+        ),
     ] = 10,
     output: Annotated[
         StatusFormat,
@@ -53,6 +62,7 @@ def status_cmd(
             "--format",
             help="table, json, or openmetrics (Prometheus text, for a node-exporter textfile "
             "collector or a push gateway).",
+            metavar="FORMAT",
         ),
     ] = StatusFormat.table,
     check: Annotated[
@@ -165,15 +175,25 @@ def _print_status(report: Any) -> None:
     )
 
 
+@examples(
+    "derive report",
+    "derive report --out /tmp/derive.html --days 7",
+    "derive report --as-of 2026-11-22T00:00:00Z --top 50",
+)
 def report_cmd(
     out_file: Annotated[
-        Path, typer.Option("--out", help="Where to write the HTML page.", metavar="FILE")
+        Path,
+        typer.Option(
+            "--out", help="Where to write the HTML page (its folder must exist).", metavar="FILE"
+        ),
     ] = Path("report.html"),
     days: Annotated[
-        int, typer.Option("--days", min=1, max=36500, help="Days of history to show.")
+        int,
+        typer.Option("--days", min=1, max=36500, help="Days of history to show.", metavar="N"),
     ] = 30,
     top: Annotated[
-        int, typer.Option("--top", min=1, max=100_000, help="Rejected users to list.")
+        int,
+        typer.Option("--top", min=1, max=100_000, help="Rejected users to list.", metavar="N"),
     ] = 20,
     as_of: AsOfOpt = None,
     dsn: DsnOpt = None,
@@ -187,19 +207,40 @@ def report_cmd(
     from derive.io.database import open_db
     from derive.jobs.report import collect_report, write_report
 
-    when = timestamp(as_of)  # a usage error before any connection
+    when = timestamp(as_of, "--as-of")  # a usage error before any connection
+    if not out_file.parent.is_dir():
+        raise typer.BadParameter(
+            f"{str(out_file)!r}: folder {str(out_file.parent)!r} does not exist; create it or "
+            "write elsewhere",
+            param_hint="--out",
+        )
     with open_db(dsn) as db:
         data = collect_report(db, as_of=when, days=days, top=top)
     size = write_report(data, out_file)
     out.print(f"wrote {out_file} ({size:,} bytes)")
 
 
+@examples(
+    "derive backfill --from 2026-09-01 --to 2026-11-01 --out history/",
+    "derive backfill --from 2026-10-01 --to 2026-11-01 --step 6h --table audience_state_history",
+)
 def backfill_cmd(
-    from_: Annotated[str, typer.Option("--from", help="First as-of point.", metavar="DATE")],
-    to: Annotated[str, typer.Option("--to", help="Last as-of point (inclusive).", metavar="DATE")],
-    step: Annotated[str, typer.Option("--step", help="Distance between as-of points.")] = "1d",
+    from_: Annotated[
+        str,
+        typer.Option("--from", help=f"First as-of point, {TIME_FORM}.", metavar="DATE"),
+    ],
+    to: Annotated[
+        str, typer.Option("--to", help="Last as-of point (inclusive), same form.", metavar="DATE")
+    ],
+    step: Annotated[
+        str,
+        typer.Option("--step", help="Distance between as-of points.", metavar="DURATION"),
+    ] = "1d",
     lookback: Annotated[
-        str, typer.Option("--lookback", help=f"Window of each step: {DURATION_FORMS}.")
+        str,
+        typer.Option(
+            "--lookback", help=f"Window of each step: {DURATION_FORMS}.", metavar="DURATION"
+        ),
     ] = "120d",
     out_dir: Annotated[
         Path | None,
@@ -240,30 +281,37 @@ def backfill_cmd(
         raise typer.BadParameter(
             f"{table_name!r}: the history table is audience_state_history", param_hint="--table"
         )
-    start, end = parse_timestamp(from_), parse_timestamp(to)
-    stride, window = duration(step), duration(lookback)
-    assert stride is not None
-    assert window is not None
+    start, end = timestamp(from_, "--from"), timestamp(to, "--to")
+    assert start is not None
+    assert end is not None
+    if end < start:
+        raise typer.BadParameter(
+            f"{to!r} is before --from {from_!r}: give a --to at or after --from", param_hint="--to"
+        )
+    stride, window = duration(step, "--step"), duration(lookback, "--lookback")
     loaded = rules_from(rules)
     identity = Backfill(origin=start, step=stride, lookback=window, rules_version=loaded.tag)
-    with (
-        open_db(dsn) as db,
-        Progress(
-            TextColumn("backfill {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            disable=as_json,
-            transient=False,
-        ) as bar,
-    ):
+    # The bar appears with the first step, when its total is known (not as "0/?" before a
+    # refusal).
+    bar = Progress(
+        TextColumn("backfill {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json,
+        transient=False,
+    )
+    with open_db(dsn) as db:
         store = (
             ParquetHistory(out_dir, identity) if out_dir is not None else TableHistory(db, identity)
         )
-        task = bar.add_task("", total=None)
+        task = bar.add_task("", total=None, start=False)
 
         def on_step(result: StepResult) -> None:
+            if not bar.live.is_started:
+                bar.start()
+                bar.start_task(task)
             bar.update(
                 task,
                 total=result.total,
@@ -272,16 +320,19 @@ def backfill_cmd(
                 + (" (done before)" if result.skipped else f" {result.users:,} users"),
             )
 
-        report = run_backfill(
-            db,
-            start=start,
-            end=end,
-            step=stride,
-            lookback=window,
-            rules=loaded,
-            store=store,
-            progress=on_step,
-        )
+        try:
+            report = run_backfill(
+                db,
+                start=start,
+                end=end,
+                step=stride,
+                lookback=window,
+                rules=loaded,
+                store=store,
+                progress=on_step,
+            )
+        finally:
+            bar.stop()
     if as_json:
         print_json(report.as_dict())
         return
@@ -294,26 +345,43 @@ def backfill_cmd(
     out.print(
         table(f"states at {end.isoformat()}", ["", *states], [["users", *report.final.values()]])
     )
-    out.print("timings: " + "  ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+    print_timings(report.timings)
 
 
+@examples("derive schedule", "derive schedule --every 1h --run-as analytics")
 def schedule_cmd(
     every: Annotated[
-        str, typer.Option("--every", help="Cadence (divides an hour or a day).")
+        str,
+        typer.Option("--every", help="Cadence (divides an hour or a day).", metavar="DURATION"),
     ] = "15m",
     lookback: Annotated[
-        str, typer.Option("--lookback", help=f"Window of each run: {DURATION_FORMS}.")
+        str,
+        typer.Option(
+            "--lookback", help=f"Window of each run: {DURATION_FORMS}.", metavar="DURATION"
+        ),
     ] = "120d",
     env_file: Annotated[
-        Path, typer.Option("--env-file", help="File that sets DERIVE_DSN (KEY=value lines).")
+        Path,
+        typer.Option(
+            "--env-file",
+            help="File that must set DERIVE_DSN=postgresql://... (KEY=value lines).",
+            metavar="FILE",
+        ),
     ] = Path("/etc/derive/derive.env"),
+    run_as: Annotated[
+        str,
+        typer.Option("--run-as", help="System user the units run as (User=).", metavar="USER"),
+    ] = "derive",
 ) -> None:
     """Print a crontab line and systemd units for Mode A (scheduled `derive run`) and Mode B.
 
-    Install the timer with: copy derive-run.service and derive-run.timer to /etc/systemd/system/,
-    then `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75
-    (another run held the lock) counts as success. derive-watch.service (optional) runs
-    `derive watch` next to the timer. derive-prune.service and derive-prune.timer (and the
+    The --env-file must set DERIVE_DSN=postgresql://... (without it derive would start an embedded
+    server of its own) and be readable by the --run-as user. The crontab line appends to
+    /var/log/derive/run.log: create that folder first (cron does not). Install the timer with:
+    copy derive-run.service and derive-run.timer to /etc/systemd/system/, then
+    `systemctl daemon-reload && systemctl enable --now derive-run.timer`. Exit code 75 (another
+    run held the lock) counts as success. derive-watch.service (optional) runs `derive watch`
+    next to the timer. derive-prune.service and derive-prune.timer (and the
     second crontab line) run `derive prune` nightly at 03:30.
     """
     import shutil
@@ -321,13 +389,11 @@ def schedule_cmd(
     from derive.jobs import prune
     from derive.jobs.watch import schedule_units
 
-    cadence, window = duration(every), duration(lookback)
-    assert cadence is not None
-    assert window is not None
+    cadence, window = duration(every, "--every"), duration(lookback, "--lookback")
     executable = shutil.which("derive") or f"{sys.executable} -m derive.cli"
     try:
         units = schedule_units(
-            executable=executable, every=cadence, lookback=window, env_file=env_file
+            executable=executable, every=cadence, lookback=window, env_file=env_file, user=run_as
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--every") from None

@@ -15,6 +15,7 @@ from derive.commands.common import (
     JsonOpt,
     RulesOpt,
     duration,
+    examples,
     out,
     print_json,
     rules_from,
@@ -59,6 +60,10 @@ class ExportFormatOpt(StrEnum):
     parquet = "parquet"
 
 
+@examples(
+    "derive export --user 3f2b8c1e-0b7a-4d7e-9a52-1c3e5f7a9b0d",
+    "derive export --prospect 9d1c7a52-4e3b-4f0a-8b6d-2a5c7e9f1b3d --format parquet --out /tmp/p",
+)
 def export_cmd(
     user: UserOpt = None,
     prospect: ProspectOpt = None,
@@ -68,7 +73,9 @@ def export_cmd(
     ] = None,
     output: Annotated[
         ExportFormatOpt,
-        typer.Option("--format", help="jsonl (one JSON object per row) or parquet."),
+        typer.Option(
+            "--format", help="jsonl (one JSON object per row) or parquet.", metavar="FORMAT"
+        ),
     ] = ExportFormatOpt.jsonl,
     force: Annotated[
         bool,
@@ -112,6 +119,10 @@ def export_cmd(
     )
 
 
+@examples(
+    "derive erase --user 3f2b8c1e-0b7a-4d7e-9a52-1c3e5f7a9b0d --dry-run",
+    "derive erase --prospect 9d1c7a52-4e3b-4f0a-8b6d-2a5c7e9f1b3d",
+)
 def erase_cmd(
     user: UserOpt = None,
     prospect: ProspectOpt = None,
@@ -154,6 +165,7 @@ def _when(cutoff: datetime | None) -> str:
     return "kept forever" if cutoff is None else f"{cutoff:%Y-%m-%d %H:%M}"
 
 
+@examples("derive prune --dry-run", "derive prune --archive /var/lib/derive/archive")
 def prune_cmd(
     rules: RulesOpt = None,
     lookback: Annotated[
@@ -162,6 +174,7 @@ def prune_cmd(
             "--lookback",
             help=f"The lookback your derive runs use, if longer than any in the run log and "
             f"than 120d: {DURATION_FORMS}.",
+            metavar="DURATION",
         ),
     ] = None,
     archive: Annotated[
@@ -193,7 +206,7 @@ def prune_cmd(
     from derive.jobs.prune import run_prune
 
     loaded = rules_from(rules)
-    window = duration(lookback)  # a usage error before any connection
+    window = None if lookback is None else duration(lookback, "--lookback")  # before connecting
     with open_db(dsn) as db:
         result = run_prune(db, rules=loaded, lookback=window, archive=archive, dry_run=dry_run)
     if as_json:

@@ -16,6 +16,7 @@ from derive.commands.common import (
     UsersOpt,
     duration,
     err,
+    examples,
     memory_size,
     print_json,
     print_run_summary,
@@ -25,12 +26,20 @@ from derive.commands.common import (
     uuids,
 )
 from derive.config import DURATION_FORMS
+from derive.errors import UsageError
+
+LookbackOpt = Annotated[
+    str, typer.Option("--lookback", help=f"Window to read: {DURATION_FORMS}.", metavar="DURATION")
+]
 
 
+@examples(
+    "derive run",
+    "derive run --dry-run --as-of 2026-11-01T00:00:00Z",
+    "derive run --user 3f2b8c1e-0b7a-4d7e-9a52-1c3e5f7a9b0d --json",
+)
 def run_cmd(
-    lookback: Annotated[
-        str, typer.Option("--lookback", help=f"Window to read: {DURATION_FORMS}.")
-    ] = "120d",
+    lookback: LookbackOpt = "120d",
     as_of: AsOfOpt = None,
     rules: RulesOpt = None,
     dsn: DsnOpt = None,
@@ -64,16 +73,16 @@ def run_cmd(
     the changed states plus one audit event per state step, in one transaction.
     A full run (and `--verify`) derives its users in user_id ranges (shards) so that one shard's
     rows fit in `--memory-limit`, and commits all shards' writes in one transaction.
-    Exit codes: 0 done (`--verify`: equal), 1 failed (`--verify`: differences), 2 usage error,
+    Exit codes: 0 done (`--verify`: equal), 1 failed (`--verify`: differences), 2 usage error
+    (also: a --user that is unknown),
     75 skipped (another run holds the lock).
     """
     from derive.config import utc_now
-    from derive.errors import UsageError
     from derive.io.database import open_db
+    from derive.io.lookup import unknown_users
     from derive.jobs.derivation import run_derivation, verify_derivation
 
-    window = duration(lookback)
-    assert window is not None
+    window = duration(lookback, "--lookback")
     users = uuids(user)
     loaded = rules_from(rules)
     limit = memory_size(memory_limit)
@@ -85,7 +94,7 @@ def run_cmd(
                 db,
                 lookback=window,
                 rules=loaded,
-                as_of=timestamp(as_of),
+                as_of=timestamp(as_of, "--as-of"),
                 shards=shards,
                 memory_limit=limit,
             )
@@ -93,8 +102,14 @@ def run_cmd(
         if not result.equal:
             raise typer.Exit(1)
         return
-    when = timestamp(as_of) or utc_now()
+    when = timestamp(as_of, "--as-of") or utc_now()
     with open_db(dsn) as db:
+        unknown = unknown_users(db, users)
+        if unknown:
+            raise UsageError(
+                f"--user {', '.join(unknown)}: no such user in {db.label} (no users row and no "
+                "events); nothing was derived. Check the uuid."
+            )
         report = run_derivation(
             db,
             as_of=when,
@@ -112,9 +127,13 @@ def run_cmd(
         print_run_summary(report)
 
 
+@examples("derive watch", "derive watch --debounce 5s --max-idle 1h", "derive watch --poll 10s")
 def watch_cmd(
     debounce: Annotated[
-        str, typer.Option("--debounce", help="Run once no notification arrived for this long.")
+        str,
+        typer.Option(
+            "--debounce", help="Run once no notification arrived for this long.", metavar="DURATION"
+        ),
     ] = "2s",
     poll: Annotated[
         str | None,
@@ -122,14 +141,16 @@ def watch_cmd(
             "--poll",
             help="Look for new rows this often instead of listening (the fallback when LISTEN"
             " does not deliver, e.g. behind a transaction-mode pooler).",
+            metavar="DURATION",
         ),
     ] = None,
     max_idle: Annotated[
-        str, typer.Option("--max-idle", help="Run at least this often, even with nothing new.")
+        str,
+        typer.Option(
+            "--max-idle", help="Run at least this often, even with nothing new.", metavar="DURATION"
+        ),
     ] = "15m",
-    lookback: Annotated[
-        str, typer.Option("--lookback", help=f"Window to read: {DURATION_FORMS}.")
-    ] = "120d",
+    lookback: LookbackOpt = "120d",
     rules: RulesOpt = None,
     dsn: DsnOpt = None,
 ) -> None:
@@ -150,13 +171,10 @@ def watch_cmd(
     from derive.io.database import resolve_dsn
     from derive.jobs.watch import Watcher
 
-    wait = duration(debounce)
-    window = duration(lookback)
-    idle = duration(max_idle)
-    every = duration(poll) if poll else None
-    assert wait is not None
-    assert window is not None
-    assert idle is not None
+    wait = duration(debounce, "--debounce")
+    window = duration(lookback, "--lookback")
+    idle = duration(max_idle, "--max-idle")
+    every = duration(poll, "--poll") if poll else None
     watcher = Watcher(
         lambda: resolve_dsn(dsn),
         rules=rules_from(rules),

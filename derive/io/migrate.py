@@ -125,12 +125,19 @@ def _protect_migration_table(db: Db) -> None:
         db.execute("CREATE POLICY derive_read ON derive_migrations FOR SELECT USING (true)")
 
 
-def ensure_migrated(db: Db) -> None:
-    """Raise :class:`SchemaError` unless every packaged migration is applied."""
-    missing = [m.version for m in available() if m.version not in applied(db)]
+def ensure_migrated(db: Db, *, fix: str = "derive db migrate") -> None:
+    """Raise :class:`SchemaError` unless every packaged migration is applied.
+
+    Args:
+        db: the database to check.
+        fix: the command that migrates it, quoted in the message.
+    """
+    done = applied(db)
+    missing = [m.version for m in available() if m.version not in done]
     if missing:
+        never = " (it was never migrated)" if not done else ""
         raise SchemaError(
-            f"database {db.label} lacks migrations {', '.join(missing)}: run `derive db migrate`"
+            f"database {db.label} lacks migrations {', '.join(missing)}{never}: run `{fix}`"
         )
 
 

@@ -22,6 +22,8 @@ class DemoResult:
     """Where the demo ran, what it loaded and what the derivation did."""
 
     database: str
+    dsn: str
+    embedded: bool
     loaded: dict[str, Any]
     report: RunReport
 
@@ -54,4 +56,6 @@ def run_demo(dsn: str | None, *, users: int, seed: int, dirty: bool, rules: Rule
         report = run_derivation(
             db, as_of=as_of, lookback=timedelta(days=LOOKBACK_DAYS), rules=rules
         )
-        return DemoResult(database=db.label, loaded=loaded, report=report)
+        return DemoResult(
+            database=db.label, dsn=target, embedded=dsn is None, loaded=loaded, report=report
+        )

@@ -293,6 +293,7 @@ def schedule_units(
     lookback: timedelta = timedelta(days=120),
     env_file: Path = Path("/etc/derive/derive.env"),
     log_file: Path = Path("/var/log/derive/run.log"),
+    user: str = "derive",
 ) -> dict[str, str]:
     """A crontab line and a systemd service + timer that run ``derive run`` every ``every``.
 
@@ -330,6 +331,8 @@ def schedule_units(
         f"{cron_when} set -a && . {env_file} && set +a && {command} >> {log_file} 2>&1\n"
         "# nightly: a full dry run compared with the stored states (exit 1 lists differing users)\n"
         f"30 4 * * * set -a && . {env_file} && set +a && {command} --verify >> {log_file} 2>&1\n"
+        f"# needs: {env_file} setting DERIVE_DSN=postgresql://..., and the folder"
+        f" {log_file.parent} (mkdir -p {log_file.parent}; cron does not create it)\n"
     )
     service = f"""[Unit]
 Description=derive: audience-state derivation (one run)
@@ -338,6 +341,8 @@ After=network-online.target postgresql.service
 
 [Service]
 Type=oneshot
+User={user}
+# Must set DERIVE_DSN=postgresql://user@host:5432/db (without it derive would use an embedded server).
 EnvironmentFile={env_file}
 ExecStart={command}
 # 75: another run held the advisory lock; this one was skipped on purpose.
@@ -363,6 +368,7 @@ After=network-online.target postgresql.service
 
 [Service]
 Type=simple
+User={user}
 EnvironmentFile={env_file}
 ExecStart={executable} watch --lookback {look}
 # SIGTERM: finish the batch in progress, derive what is pending, exit 0.
