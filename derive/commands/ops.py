@@ -200,9 +200,13 @@ def report_cmd(
 ) -> None:
     """Write the failure dashboard: one self-contained HTML page (inline SVG, opens offline).
 
-    Sections: the state funnel S0..S5, audit transitions per day, rejections per day by reason,
-    run durations, and the most rejected users with their latest evidence. The window is the
-    --days before --as-of (default: now), by the derived_at of the audit rows.
+    Sections: the state funnel S0..S5 with what each state means, the score distribution,
+    states over time (from audience_state_history, written by `derive backfill --table`), audit
+    transitions per day, rejections per day by reason, run durations, and the most rejected
+    users (ties: latest rejection first) with their latest evidence, folded. The window is the
+    --days before --as-of; without --as-of it ends at the as_of of the latest successful
+    `derive run` (else now), and the page's header says which. Days are those of the audit
+    rows' derived_at (the as_of of the run that wrote them).
     """
     from derive.io.database import open_db
     from derive.jobs.report import collect_report, write_report

@@ -223,7 +223,7 @@ SELECT e.user_id::text AS user_id,
  WHERE e.derived_at >= $1
    AND e.derived_at <= $2
  GROUP BY e.user_id
- ORDER BY rejections DESC, last_derived_at DESC, user_id
+ ORDER BY rejections DESC, last_derived_at DESC, max(e.created_at) DESC, user_id
  LIMIT $3
 """
 
@@ -308,6 +308,57 @@ def run_durations(db: Db, *, limit: int) -> pl.DataFrame:
             "seconds": pl.Float64(),
             "full_run": pl.Boolean(),
         },
+    )
+
+
+_LATEST_AS_OF = """
+SELECT max(r.as_of) FROM derivation_runs r WHERE r.job = 'derive' AND r.status = 'succeeded'
+"""
+
+_SCORE_HISTOGRAM = """
+SELECT floor(s.engagement_score / $1)::bigint AS bin, s.current_state, count(*) AS users
+  FROM audience_state s
+ GROUP BY 1, 2
+"""
+
+_STATE_HISTORY = """
+SELECT h.as_of, h.current_state, count(*) AS users
+  FROM audience_state_history h
+ WHERE h.as_of >= $1 AND h.as_of <= $2
+ GROUP BY 1, 2
+"""
+
+
+def latest_derive_as_of(db: Db) -> datetime | None:
+    """The as_of of the latest successful derive run (the report's default anchor)."""
+    with db.transaction(role="service_role"):
+        value: datetime | None = db.fetch_value(_LATEST_AS_OF)
+    return value
+
+
+def max_score(db: Db) -> float:
+    """The highest stored engagement score (0 without states)."""
+    with db.transaction(role="service_role"):
+        value = db.fetch_value(
+            "SELECT coalesce(max(engagement_score), 0)::float8 FROM audience_state"
+        )
+    return float(value)
+
+
+def score_histogram(db: Db, *, width: float) -> pl.DataFrame:
+    """Stored users per score bin of ``width`` (``bin`` k holds [k * width, (k + 1) * width)) and state."""
+    with db.transaction(role="service_role"):
+        rows = db.fetch_all(_SCORE_HISTOGRAM, (width,))
+    return _frame(rows, {"bin": pl.Int64(), "current_state": pl.String(), "users": pl.Int64()})
+
+
+def state_history(db: Db, *, start: datetime, end: datetime) -> pl.DataFrame:
+    """Users per state at each ``audience_state_history`` step in ``[start, end]``."""
+    with db.transaction(role="service_role"):
+        rows = db.fetch_all(_STATE_HISTORY, (start, end))
+    return _frame(
+        rows,
+        {"as_of": pl.Datetime("us", "UTC"), "current_state": pl.String(), "users": pl.Int64()},
     )
 
 

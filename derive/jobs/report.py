@@ -28,6 +28,8 @@ from derive.transforms import report as shape
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("funnel", "State funnel"),
+    ("scores", "Score distribution"),
+    ("states-over-time", "States over time"),
     ("transitions", "Transitions over time"),
     ("rejections", "Rejections by reason over time"),
     ("runs", "Run durations"),
@@ -46,6 +48,18 @@ _PALETTE = {
     "volume_spike": "#e53e3e",
     "state_jump": "#2c7a7b",
 }
+# What each state means under the canonical rules (derive/rules/canonical.toml), for the reader
+# of the page; a rules file of one's own may move the gates.
+STATE_MEANINGS: dict[str, str] = {
+    "S0": "seen: no gate passed yet (every user enters here)",
+    "S1": "engaged: a deep event, or score >= 5 and active, in the last 7 days",
+    "S2": "returning: a repeat visit in 30 days, score >= 12, or 2+ sessions with 3+ qualified views",
+    "S3": "subscribed: a subscription with consent recorded",
+    "S4": "advocate: shared, referred, commented or mentioned within 60 days",
+    "S5": "champion: 2 of 3+ advocacy events, score >= 35, 2+ repeat visits, a long-form completion",
+}
+_STATE_COLORS = ("#a0aec0", "#90cdf4", "#4299e1", "#2b6cb0", "#2c5282", "#1a365d")
+_EVIDENCE_CHARS = 1500  # longer evidence is cut (the full text stays in the database)
 _EXTRA_COLORS = ("#718096", "#b83280", "#3182ce", "#dd6b20", "#38a169")
 
 
@@ -67,14 +81,29 @@ class ReportData:
     malformed_rows: int = 0  # system rows of the window left out: their derived_at is not a time
     #: Runs that wrote audience_state and never finished (a write outside derive's protocol).
     unfinished_writers: list[str] = field(default_factory=list)
+    anchor: str = "--as-of"  # what the window ends at: --as-of, the latest run's as_of, or now
+    scores: pl.DataFrame | None = None  # users per score bin (label, S0..S5)
+    states_over_time: pl.DataFrame | None = None  # users per state per history step (as_of, S0..S5)
 
 
 def collect_report(
     db: Db, *, as_of: datetime | None, days: int, top: int = 20, runs: int = 200
 ) -> ReportData:
-    """Read and shape the dashboard's data for the ``days`` up to ``as_of`` (default: now)."""
+    """Read and shape the dashboard's data for the ``days`` up to ``as_of``.
+
+    Without ``as_of`` the window ends at the as_of of the latest successful derive run (so a
+    run made with a past ``--as-of`` shows up), or now when there is none; the header says which.
+    """
     now = history.server_now(db)
-    end = as_of or now
+    latest = None if as_of is not None else history.latest_derive_as_of(db)
+    end = as_of or latest or now
+    anchor = (
+        "--as-of"
+        if as_of is not None
+        else "the latest derive run's as_of"
+        if latest is not None
+        else "now (no derive run yet)"
+    )
     start = end - timedelta(days=days)
     first_day, last_day = start.date(), end.date()
     distribution = pl.LazyFrame(
@@ -105,7 +134,23 @@ def collect_report(
             f"{run_id} ({job}, {status}, started by {who}, first write {first:%Y-%m-%d %H:%M})"
             for run_id, job, status, who, first in history.unfinished_writers(db)
         ],
+        anchor=anchor,
+        scores=_score_bins(db),
+        states_over_time=shape.states_over_time(
+            history.state_history(db, start=start, end=end).lazy()
+        ).collect(),
     )
+
+
+def _score_bins(db: Db) -> pl.DataFrame:
+    """Stored users per score bin: about ten round-width bins from 0 to the top score."""
+    top = history.max_score(db)
+    ticks = nice_ticks(top, count=10)
+    width = ticks[1] - ticks[0]
+    bins = max(1, len(ticks) - 1)
+    return shape.score_bins(
+        history.score_histogram(db, width=width).lazy(), width=width, bins=bins
+    ).collect()
 
 
 def write_report(data: ReportData, path: Path) -> int:
@@ -129,6 +174,8 @@ def _esc(value: object) -> str:
 
 
 def _color(name: str, index: int) -> str:
+    if name in STATE_MEANINGS:
+        return _STATE_COLORS[list(STATE_MEANINGS).index(name)]
     return _PALETTE.get(name, _EXTRA_COLORS[index % len(_EXTRA_COLORS)])
 
 
@@ -285,7 +332,9 @@ section h2{margin:0 0 8px;font-size:17px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #edf2f7;vertical-align:top}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:12px;max-width:480px}
+pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:12px;max-width:480px;
+max-height:12em;overflow:auto}
+details summary{cursor:pointer;color:#2a4365}
 .failed{color:#c53030;font-weight:600}
 """
 
@@ -308,18 +357,30 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[i
 
 
 def _evidence(text: str | None) -> str:
+    """Evidence folded behind a one-line summary, scrolling in a short box, cut when long."""
     if not text:
         return ""
     try:
-        pretty = json.dumps(json.loads(text), indent=1, sort_keys=True)
+        parsed = json.loads(text)
+        pretty = json.dumps(parsed, indent=1, sort_keys=True)
+        keys = ", ".join(sorted(parsed)) if isinstance(parsed, dict) else type(parsed).__name__
     except (ValueError, RecursionError):  # stored text: shown as it is when it does not parse
-        pretty = text
-    return f"<pre>{_esc(pretty)}</pre>"
+        pretty, keys = text, "text"
+    if len(pretty) > _EVIDENCE_CHARS:
+        pretty = (
+            f"{pretty[:_EVIDENCE_CHARS]}\n... ({len(pretty) - _EVIDENCE_CHARS:,} more characters)"
+        )
+    summary = keys if len(keys) <= 60 else keys[:57] + "..."
+    return f"<details><summary>{_esc(summary)}</summary><pre>{_esc(pretty)}</pre></details>"
 
 
 def _section(anchor: str, title: str, body: str, note: str = "") -> str:
     caption = f'<p class="muted">{_esc(note)}</p>' if note else ""
     return f'<section id="{anchor}"><h2>{_esc(title)}</h2>{caption}{body}</section>'
+
+
+def _state_series(frame: pl.DataFrame) -> dict[str, list[float]]:
+    return {state: frame.get_column(state).to_list() for state in STATE_MEANINGS}
 
 
 def render_html(data: ReportData) -> str:
@@ -396,12 +457,57 @@ def render_html(data: ReportData) -> str:
             + "; ".join(_esc(r) for r in data.unfinished_writers)
             + ". Check the states with <code>derive run --verify</code>.</p>"
         )
+    meanings = _table(
+        ["state", "meaning (canonical rules)", "users now"],
+        [
+            [_esc(r["state"]), _esc(STATE_MEANINGS.get(r["state"], "")), f"{r['users']:,}"]
+            for r in data.funnel.iter_rows(named=True)
+        ],
+        {2},
+    )
+    scores = data.scores
+    score_chart = (
+        stacked_bars(
+            scores.get_column("label").to_list(),
+            _state_series(scores),
+            title="Stored users per engagement score",
+            unit="users",
+            empty="no stored states yet: run `derive run`",
+        )
+        if scores is not None
+        else _empty_svg("no stored states yet: run `derive run`")
+    )
+    history_frame = data.states_over_time
+    over_time = (
+        stacked_bars(
+            [f"{t:%Y-%m-%d %H:%M}" for t in history_frame.get_column("as_of").to_list()],
+            _state_series(history_frame),
+            title="Users per state at each history step",
+            unit="users",
+        )
+        if history_frame is not None and history_frame.height
+        else _empty_svg(
+            "no state history in this window: `derive backfill --table audience_state_history`"
+        )
+    )
     sections = [
         _section(
             "funnel",
             titles["funnel"],
-            funnel_svg(data.funnel),
+            funnel_svg(data.funnel) + meanings,
             "Users who reached at least each state (stored audience_state, now).",
+        ),
+        _section(
+            "scores",
+            titles["scores"],
+            score_chart,
+            "Stored users by engagement score (the score of their latest run), coloured by state.",
+        ),
+        _section(
+            "states-over-time",
+            titles["states-over-time"],
+            over_time,
+            f"Users per state at each step of audience_state_history (derive backfill), {window}.",
         ),
         _section(
             "transitions",
@@ -435,7 +541,7 @@ def render_html(data: ReportData) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>derive report · {_esc(data.database)}</title><style>{_CSS}</style></head>"
         f"<body><header><h1>derive · audience-state dashboard</h1><p>{_esc(data.database)} · "
-        f"window {_esc(window)} · generated {data.generated_at:%Y-%m-%d %H:%M:%S} UTC by derive "
+        f"window {_esc(window)}, ending at {_esc(data.anchor)} · generated {data.generated_at:%Y-%m-%d %H:%M:%S} UTC by derive "
         f"{_esc(__version__)}</p>{malformed}</header><nav>{nav}</nav><main>{''.join(sections)}</main>"
         "</body></html>\n"
     )

@@ -141,3 +141,48 @@ def run_series(runs: pl.LazyFrame, /) -> pl.LazyFrame:
         )
         .select("started_at", "job", "status", "seconds", "label", "series")
     )
+
+
+def score_bins(histogram: pl.LazyFrame, /, *, width: float, bins: int) -> pl.LazyFrame:
+    """Every score bin 0..bins-1 with its users per state as columns S0..S5 (zeros filled).
+
+    Args:
+        histogram: ``bin``, ``current_state``, ``users``; bins at or beyond ``bins`` (the top
+            score itself) join the last bin.
+        width: the bin width, for the ``label`` column ("10-20").
+        bins: how many bins to show.
+    """
+    grid = pl.LazyFrame({"bin": list(range(bins))}, schema={"bin": pl.Int64()})
+    counts = histogram.with_columns(pl.col("bin").clip(0, bins - 1))
+    wide = _pivot_states(counts, index="bin")
+    return (
+        grid.join(wide, on="bin", how="left")
+        .with_columns(pl.col(list(STATES)).fill_null(0))
+        .with_columns(
+            label=pl.format(
+                "{}-{}",
+                (pl.col("bin") * width).round(2),
+                ((pl.col("bin") + 1) * width).round(2),
+            )
+        )
+        .sort("bin")
+    )
+
+
+def states_over_time(history: pl.LazyFrame, /) -> pl.LazyFrame:
+    """Users per state (columns S0..S5, zeros filled) at each history step, oldest first.
+
+    Args:
+        history: ``as_of``, ``current_state``, ``users``.
+    """
+    return _pivot_states(history, index="as_of").sort("as_of")
+
+
+def _pivot_states(frame: pl.LazyFrame, *, index: str) -> pl.LazyFrame:
+    summed = frame.group_by(index).agg(
+        [
+            pl.col("users").filter(pl.col("current_state") == state).sum().alias(state)
+            for state in STATES
+        ]
+    )
+    return summed.with_columns(pl.col(list(STATES)).fill_null(0).cast(pl.Int64))

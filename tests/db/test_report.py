@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
+import uuid
 import xml.etree.ElementTree as ET
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
+import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
@@ -18,7 +22,15 @@ from derive.config import load_rules
 from derive.io.connect import connect
 from derive.jobs.demo import load_demo_data
 from derive.jobs.derivation import run_derivation
-from derive.jobs.report import SECTIONS, collect_report, nice_ticks, write_report
+from derive.jobs.report import (
+    SECTIONS,
+    STATE_MEANINGS,
+    _evidence,
+    collect_report,
+    nice_ticks,
+    render_html,
+    write_report,
+)
 from derive.transforms.report import state_funnel, transition_totals, transitions_by_day
 
 AS_OF = datetime(2026, 6, 30, tzinfo=UTC)
@@ -90,7 +102,7 @@ def test_report_renders_in_headless_chromium_without_console_errors(
     for anchor, title in SECTIONS:
         assert f'id="{anchor}"' in dumped.stdout
         assert f"<h2>{title}</h2>" in dumped.stdout
-    assert dumped.stdout.count("<svg") == 4
+    assert dumped.stdout.count("<svg") == 6
     assert captured.returncode == 0, captured.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000
@@ -150,20 +162,20 @@ def test_report_parses_as_html_with_every_section(dashboard_dsn: str, tmp_path: 
     assert outline.open == []
     assert [anchor for anchor, _ in SECTIONS if anchor in outline.ids] == [a for a, _ in SECTIONS]
     assert outline.headings == [title for _, title in SECTIONS]
-    assert outline.svgs == 4
+    assert outline.svgs == 6
 
 
 def test_report_is_self_contained(dashboard_dsn: str, tmp_path: Path) -> None:
     text = write(dashboard_dsn, tmp_path / "report.html").read_text()
 
     svgs = re.findall(r"<svg.*?</svg>", text, flags=re.DOTALL)
-    assert len(svgs) == 4
+    assert len(svgs) == 6
     for svg in svgs:
         ET.fromstring(svg)  # well-formed XML, or this raises
     assert "<script" not in text
     assert "<link" not in text
     assert " src=" not in text
-    assert re.findall(r"https?://[^\"' ]+", text) == ["http://www.w3.org/2000/svg"] * 4
+    assert re.findall(r"https?://[^\"' ]+", text) == ["http://www.w3.org/2000/svg"] * 6
 
 
 def test_report_shows_the_stored_funnel_and_the_rejected_users(
@@ -264,4 +276,105 @@ def test_transitions_by_day_classifies_steps_and_fills_quiet_days() -> None:
         ("new → S0", "first_seen", 4),
         ("S0 → S1", "upgrade", 2),
         ("S3 → S2", "downgrade", 1),
+    ]
+
+
+def test_the_default_window_ends_at_the_latest_runs_as_of(dashboard_dsn: str) -> None:
+    with connect(dashboard_dsn) as db:
+        data = collect_report(db, as_of=None, days=30)
+
+    assert data.end == AS_OF  # the runs' as_of lie months before the wall clock
+    assert data.anchor == "the latest derive run's as_of"
+    assert data.transitions.get_column("first_seen").sum() > 0
+    assert "ending at the latest derive run&#x27;s as_of" in render_html(data)
+
+
+def test_without_any_run_the_window_ends_now(dsn: str) -> None:
+    with connect(dsn) as db:
+        data = collect_report(db, as_of=None, days=30)
+
+    assert data.anchor == "now (no derive run yet)"
+
+
+def test_the_score_distribution_counts_every_stored_user_by_state(dashboard_dsn: str) -> None:
+    with connect(dashboard_dsn) as db:
+        data = collect_report(db, as_of=AS_OF, days=30)
+        stored = dict(db.fetch_all("SELECT current_state, count(*) FROM audience_state GROUP BY 1"))
+        top = db.fetch_value("SELECT max(engagement_score)::float8 FROM audience_state")
+
+    assert data.scores is not None
+    per_state = {s: data.scores.get_column(s).sum() for s in ("S0", "S1", "S2", "S3", "S4", "S5")}
+    assert per_state == {s: stored.get(s, 0) for s in per_state}
+    upper = float(data.scores.get_column("label").to_list()[-1].split("-")[1])
+    assert upper >= top
+
+
+def test_states_over_time_come_from_the_state_history(
+    dashboard_dsn: str, pg: psycopg.Connection
+) -> None:
+    steps = [AS_OF - timedelta(days=2), AS_OF - timedelta(days=1)]
+    with psycopg.connect(dashboard_dsn, autocommit=True) as conn:
+        for i, step in enumerate(steps):
+            conn.execute(
+                "INSERT INTO audience_state_history (as_of, user_id, current_state,"
+                " state_updated_at, engagement_score)"
+                " SELECT %s, user_id, CASE WHEN %s = 0 THEN 'S0' ELSE current_state END, %s, 0"
+                " FROM audience_state",
+                (step, i, step),
+            )
+        users = conn.execute("SELECT count(*) FROM audience_state").fetchone()[0]  # type: ignore[index]
+
+    with connect(dashboard_dsn) as db:
+        data = collect_report(db, as_of=AS_OF, days=30)
+
+    history = data.states_over_time
+    assert history is not None
+    assert history.get_column("as_of").to_list() == steps
+    assert history.row(0, named=True)["S0"] == users
+    assert sum(history.row(1)[1:]) == users
+
+
+def test_state_meanings_are_on_the_page(dashboard_dsn: str, tmp_path: Path) -> None:
+    text = write(dashboard_dsn, tmp_path / "r.html").read_text()
+
+    for state, meaning in STATE_MEANINGS.items():
+        assert f"<td>{state}</td><td>{html.escape(meaning)}</td>" in text
+
+
+def test_long_evidence_is_folded_and_cut() -> None:
+    evidence = json.dumps({"events": [{"id": i, "event_type": "page_view"} for i in range(2000)]})
+
+    shown = _evidence(evidence)
+
+    assert shown.startswith("<details><summary>events</summary><pre>")
+    assert len(shown) < 2500
+    assert "more characters)" in shown
+
+
+def test_equally_rejected_users_are_listed_latest_rejection_first(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    derived = AS_OF - timedelta(hours=1)
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        for user, logged in (
+            (0xA, AS_OF - timedelta(minutes=30)),
+            (0xB, AS_OF - timedelta(minutes=10)),
+        ):
+            pg.execute(
+                "INSERT INTO audience_events (created_at, user_id, event_type, event_category,"
+                " metadata) VALUES (%s, %s, 'validation_fail', 'system', %s::jsonb)",
+                (
+                    logged,
+                    uuid.UUID(int=user),
+                    json.dumps({"reasons": ["volume_spike"], "derived_at": derived.isoformat()}),
+                ),
+            )
+
+    with connect(dsn) as db:
+        data = collect_report(db, as_of=AS_OF, days=7)
+
+    assert data.top_rejected.get_column("user_id").to_list() == [
+        str(uuid.UUID(int=0xB)),
+        str(uuid.UUID(int=0xA)),
     ]
