@@ -170,11 +170,15 @@ def rules_from(path: Path | None) -> Rules:
     return load_rules(path)
 
 
-def _json_value(value: Any) -> Any:
-    # One ISO-8601 form everywhere (2026-11-22T08:00:00+00:00), as datetime.isoformat gives it.
+def iso(value: Any) -> str:
+    """One ISO-8601 form everywhere (2026-11-22T08:00:00+00:00, as isoformat gives it)."""
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     return str(value)
+
+
+def _json_value(value: Any) -> Any:
+    return iso(value)
 
 
 def print_json(payload: Any) -> None:

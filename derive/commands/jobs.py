@@ -16,6 +16,7 @@ from derive.commands.common import (
     MetricsRulesOpt,
     duration,
     examples,
+    iso,
     out,
     print_json,
     print_timings,
@@ -208,7 +209,7 @@ def rollup_cmd(
         currencies = ", ".join(c or "none" for c in item["currencies"])
         out.print(
             f"not aggregated ({item['status']}): user {item['user_id']} {item['metric_kind']} "
-            f"{item['window_start']} .. {item['window_end']}"
+            f"{iso(item['window_start'])} .. {iso(item['window_end'])}"
             + (f" currencies {currencies}" if item["status"] == "mixed_currency" else ""),
             markup=False,
         )
