@@ -194,6 +194,7 @@ ShardsOpt = Annotated[
         max=4096,
         help="Split a full run's users into this many user_id ranges (default: from the"
         " window's size and --memory-limit).",
+        metavar="N",
     ),
 ]
 MemoryLimitOpt = Annotated[
