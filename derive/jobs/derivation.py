@@ -320,7 +320,7 @@ def _distributions(d: Derivation, inputs: Inputs) -> tuple[dict[str, int], dict[
 #: Peak bytes of the process per window row (measured: 1.5 GiB at M for 2.07M rows, 13.6 GiB at L
 #: for 20.7M rows, ~690 bytes/row), and the margin the shard count keeps below the limit.
 BYTES_PER_ROW = 700
-SAFETY = 1.5
+SAFETY = 2.0
 MAX_SHARDS = 4096
 
 

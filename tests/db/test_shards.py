@@ -230,8 +230,8 @@ def test_the_shard_count_follows_the_window_estimate(dsn: str) -> None:
         small = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=256 * 1024)
         large = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**30)
         forced = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**30, shards=3)
-    # ~2000 rows x 700 bytes x 1.5 / 256 KiB ~ 8 shards
+    # ~2000 rows x 700 bytes x 2 / 256 KiB ~ 11 shards
     assert 1800 <= small.estimated_rows <= 2200
-    assert small.count == math.ceil(small.estimated_rows * 700 * 1.5 / (256 * 1024)) > 1
+    assert small.count == math.ceil(small.estimated_rows * 700 * 2 / (256 * 1024)) > 1
     assert large.count == 1
     assert forced.count == 3
