@@ -176,12 +176,16 @@ def _running_port(pgdata: Path) -> int | None:
     if len(lines) < 8 or lines[7].strip() != "ready":
         return None
     try:
-        os.kill(int(lines[0]), 0)
-    except (ValueError, ProcessLookupError):
+        pid, port = int(lines[0]), int(lines[3])
+    except ValueError:  # a damaged file: no server we can use (pg_ctl start says why)
+        return None
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
         return None
     except PermissionError:
         pass  # alive, owned by the server's own user
-    return int(lines[3])
+    return port
 
 
 def _free_port(wanted: int = 0) -> int:

@@ -94,3 +94,19 @@ def test_a_widened_password_file_is_narrowed_again(home: Path) -> None:
     embedded.ensure_server(home)
 
     assert stat.S_IMODE((home / embedded.PASSWORD_FILE).stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "garbage",
+        "1\n/x\n0\nport\n\n\n\nready\n",
+        "99999999999999999999\n/x\n0\n5432\n\n\n\nready\n",
+    ],
+    ids=["empty", "one-line", "bad-port", "bad-pid"],
+)
+def test_a_damaged_postmaster_pid_means_no_running_server(tmp_path: Path, content: str) -> None:
+    (tmp_path / "postmaster.pid").write_text(content)
+
+    assert embedded._running_port(tmp_path) is None
