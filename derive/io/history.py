@@ -22,7 +22,7 @@ import polars as pl
 
 from derive.errors import SourceError, UsageError
 from derive.io.connect import Db
-from derive.io.jsonsql import array_length_at, bigint_at, timestamptz_at
+from derive.io.jsonsql import array_length_at, bigint_at, time_in_range, timestamptz_at
 
 # -- status ------------------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ _RECENT_RUNS = f"""
 SELECT r.run_id::text AS run_id,
        r.job,
        r.status,
-       r.as_of,
+       {time_in_range("r.as_of")} AS as_of,
        r.started_at,
        r.finished_at,
        extract(epoch FROM coalesce(r.finished_at, clock_timestamp()) - r.started_at)::float8

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from derive.config import EARLIEST, LATEST
+
 _KEY = re.compile(r"[a-z_][a-z0-9_]*")
 
 #: A uuid in its canonical text form: exactly what ``text::uuid`` accepts without error (and what
@@ -60,6 +62,19 @@ def bigint_at(document: str, key: str) -> str:
         f"CASE WHEN jsonb_typeof({value}) = 'number' THEN"
         f" CASE WHEN {value}::numeric BETWEEN {_INT8_MIN} AND {_INT8_MAX}"
         f" AND {value}::numeric = trunc({value}::numeric) THEN {value}::numeric::bigint END END"
+    )
+
+
+def time_in_range(expr: str) -> str:
+    """``expr`` (a timestamptz) when clients can represent it, else NULL.
+
+    A run row's as_of comes from whoever called ``derive_start_run``: ``infinity`` or year 20000
+    are valid timestamptz values, but Python's datetime (and so every report of them) stops at
+    year 9999. The range is the one the commands accept (``derive.config``).
+    """
+    return (
+        f"CASE WHEN {expr} BETWEEN '{EARLIEST.isoformat()}'::timestamptz"
+        f" AND '{LATEST.isoformat()}'::timestamptz THEN {expr} END"
     )
 
 

@@ -15,7 +15,7 @@ from datetime import datetime
 import polars as pl
 
 from derive.io.connect import Db
-from derive.io.jsonsql import array_length_at
+from derive.io.jsonsql import array_length_at, time_in_range
 
 # A run "covers every user" unless it was given a user list (``derive run --user``); only such
 # runs count as a job's last success (a subset run cannot stand in for the scheduled one).
@@ -53,7 +53,7 @@ SELECT j.job,
  CROSS JOIN LATERAL (
        SELECT max(r.finished_at) FILTER (WHERE r.status = 'succeeded' AND {_FULL_SCOPE})
                 AS last_success,
-              (array_agg(r.as_of ORDER BY r.finished_at DESC)
+              (array_agg({time_in_range("r.as_of")} ORDER BY r.finished_at DESC)
                  FILTER (WHERE r.status = 'succeeded' AND {_FULL_SCOPE}))[1] AS last_success_as_of,
               max(r.finished_at) FILTER (WHERE r.status = 'succeeded') AS last_any_success,
               count(*) FILTER (WHERE r.status = 'running') AS running,
@@ -66,8 +66,8 @@ SELECT j.job,
         WHERE r.job = j.job) s
   -- The decisive run: the newest that was not skipped (a skip only says another run held the lock).
   LEFT JOIN LATERAL (
-       SELECT r.run_id::text AS run_id, r.status, r.as_of, r.started_at, r.finished_at, r.error,
-              r.counts, r.mode
+       SELECT r.run_id::text AS run_id, r.status, {time_in_range("r.as_of")} AS as_of,
+              r.started_at, r.finished_at, r.error, r.counts, r.mode
          FROM derivation_runs r
         WHERE r.job = j.job AND r.status <> 'skipped'
         ORDER BY r.started_at DESC

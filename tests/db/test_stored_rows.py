@@ -100,6 +100,21 @@ def forge_pointer(pg: psycopg.Connection, user: int, pointer: Any) -> None:
         )
 
 
+def forged_run(pg: psycopg.Connection, *, counts: str = "{}", args: str = "{}") -> None:
+    """A run row with any counts and args, as service_role can make through derive's functions."""
+    with pg.transaction():
+        pg.execute("SET LOCAL ROLE service_role")
+        run_id, token, _, _ = pg.execute(
+            "SELECT * FROM derive_start_run('derive', 'derive', now(), interval '120 days', 'x',"
+            " %s::jsonb, 60)",
+            (args,),
+        ).fetchone()
+        pg.execute(
+            "SELECT derive_finish_run(%s, %s, 'succeeded', %s::jsonb, '{}', NULL, '{}')",
+            (run_id, token, counts),
+        )
+
+
 # -- validation_fail rows with a malformed derived_at ------------------------------------------------
 
 
@@ -174,7 +189,7 @@ def test_a_malformed_audit_pointer_is_a_state_jump_for_that_user_alone(
     forge_pointer(pg, 1, pointer)
     insert_events(pg, [event(2, "content_share", "advocacy", ago=timedelta(minutes=1))])
 
-    report = run(dsn, as_of=AS_OF + timedelta(minutes=15))
+    report = run(dsn, as_of=AS_OF + timedelta(minutes=15), full=True)  # silent edits: full runs
 
     assert report.counts["rejected_by_reason"] == {"state_jump": 1}
     ((user, meta),) = system_rows(pg, "validation_fail")
@@ -223,13 +238,9 @@ def test_status_and_report_read_past_a_run_row_with_malformed_counts_or_args(
 ) -> None:
     insert_events(pg, engaged_user(1))
     run(dsn)
-    with pg.transaction():
-        pg.execute("SET LOCAL ROLE service_role")
-        pg.execute(
-            "INSERT INTO derivation_runs (job, as_of, status, finished_at, counts, args)"
-            " VALUES ('derive', now(), 'succeeded', clock_timestamp(), %s::jsonb, %s::jsonb)",
-            (json.dumps(forged.get("counts", {})), json.dumps(forged.get("args", {}))),
-        )
+    forged_run(
+        pg, counts=json.dumps(forged.get("counts", {})), args=json.dumps(forged.get("args", {}))
+    )
 
     with connect(dsn) as db:
         status = collect_status(db, max_lag=timedelta(days=1000))
@@ -251,8 +262,8 @@ def test_a_forged_run_row_with_a_huge_lookback_does_not_stop_the_prune(
     with pg.transaction():
         pg.execute("SET LOCAL ROLE service_role")
         pg.execute(
-            "INSERT INTO derivation_runs (job, as_of, lookback, status, finished_at)"
-            " VALUES ('derive', now(), interval '100000 years', 'succeeded', clock_timestamp())"
+            "SELECT derive_start_run('derive', 'derive', now(), interval '100000 years', 'x',"
+            " '{}'::jsonb, 60)"
         )
 
     with connect(dsn) as db:
@@ -269,13 +280,7 @@ def test_a_forged_run_row_with_a_huge_lookback_does_not_stop_the_prune(
 def test_openmetrics_reads_past_last_counts_that_are_not_an_object(
     dsn: str, pg: psycopg.Connection, counts: str
 ) -> None:
-    with pg.transaction():
-        pg.execute("SET LOCAL ROLE service_role")
-        pg.execute(
-            "INSERT INTO derivation_runs (job, as_of, status, finished_at, counts)"
-            " VALUES ('derive', now(), 'succeeded', clock_timestamp(), %s::jsonb)",
-            (counts,),
-        )
+    forged_run(pg, counts=counts)
 
     with connect(dsn) as db:
         text = openmetrics(collect_status(db, max_lag=timedelta(days=1)))
