@@ -41,6 +41,19 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{kv.get('port', '5432')}/{kv.get('dbname', '(default database)')}"
 
 
+_APPLICATION_NAME = re.compile(r"(^|[?&\s])application_name\s*=")
+
+
+def with_application_name(dsn: str) -> str:
+    """``dsn`` with ``application_name=derive`` added unless it names one (other parameters,
+    TLS ones included, are passed through untouched), so hosted servers show who is connected."""
+    if not dsn or _APPLICATION_NAME.search(dsn):
+        return dsn
+    if "://" in dsn:
+        return f"{dsn}{'&' if '?' in dsn else '?'}application_name=derive"
+    return f"{dsn} application_name=derive"
+
+
 def _first_line(exc: BaseException) -> str:
     text = redact(str(exc))
     text = re.sub(r"^[A-Z_]+: (\[libpq\] )?", "", text.strip())
@@ -259,7 +272,7 @@ def connect(dsn: str, *, autocommit: bool = False) -> Db:
 
     label = describe_dsn(dsn)
     try:
-        conn = dbapi.connect(dsn, autocommit=autocommit)
+        conn = dbapi.connect(with_application_name(dsn), autocommit=autocommit)
     except adbc_driver_manager.Error as exc:
         raise SourceError(
             f"cannot connect to PostgreSQL at {label}: {_first_line(exc)} "
