@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -268,3 +269,105 @@ def test_report_flags_a_run_that_wrote_and_never_finished(
     page = (tmp_path / "r.html").read_text()
     assert "never finished" in page
     assert run_id in page
+
+
+# -- what a run may claim about itself (migration 0008) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("as_of", "lookback"),
+    [
+        ("infinity", "120 days"),
+        ("-infinity", "120 days"),
+        ("20000-01-01", "120 days"),
+        ("1899-12-31", "120 days"),
+        ("2026-06-01", "100000 years"),
+        ("2026-06-01", "-1 day"),
+        ("2026-06-01", "0"),
+    ],
+)
+def test_a_run_cannot_start_with_an_as_of_or_lookback_no_reader_can_use(
+    pg: psycopg.Connection, as_of: str, lookback: str
+) -> None:
+    with (
+        pytest.raises(psycopg.errors.InvalidParameterValue, match="derive_start_run"),
+        as_role(pg, "service_role") as conn,
+    ):
+        conn.execute(
+            "SELECT * FROM derive_start_run('derive', 'derive', %s::timestamptz, %s::interval,"
+            " NULL, '{}', 60)",
+            (as_of, lookback),
+        )
+
+    assert pg.execute("SELECT count(*) FROM derivation_runs").fetchone() == (0,)
+
+
+def finish_claiming(pg: psycopg.Connection, run_id: str, snapshot: str) -> None:
+    with as_role(pg, "service_role") as conn:
+        conn.execute(
+            "SELECT derive_finish_run(%s, %s, 'succeeded', '{}', '{}', NULL, %s::jsonb)",
+            (run_id, TOKENS[run_id], json.dumps({"mode": "full", "read_snapshot": snapshot})),
+        )
+
+
+def current_snapshot(pg: psycopg.Connection) -> tuple[int, int, list[int]]:
+    text = str(pg.execute("SELECT pg_current_snapshot()::text").fetchone()[0])  # type: ignore[index]
+    xmin, xmax, xip = text.split(":")
+    return int(xmin), int(xmax), [int(x) for x in xip.split(",") if x]
+
+
+def snapshot_text(xmin: int, xmax: int, xip: list[int]) -> str:
+    return f"{xmin}:{xmax}:{','.join(str(x) for x in sorted(xip))}"
+
+
+@pytest.fixture
+def open_writer(dsn: str) -> Iterator[int]:
+    """A transaction that wrote (so holds an xid) and stays open for the test: its xid."""
+    with psycopg.connect(dsn) as other:
+        xid = int(other.execute("SELECT pg_current_xact_id()::text").fetchone()[0])  # type: ignore[index]
+        yield xid
+        other.rollback()
+
+
+def test_a_run_may_record_a_real_read_snapshot_with_a_transaction_open_in_it(
+    pg: psycopg.Connection, open_writer: int
+) -> None:
+    run_id = start_run(pg)
+    xmin, xmax, xip = current_snapshot(pg)
+    assert open_writer in xip
+
+    finish_claiming(pg, run_id, snapshot_text(xmin, xmax, xip))
+
+    row = pg.execute(
+        "SELECT status, read_snapshot::text FROM derivation_runs WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    assert row == ("succeeded", snapshot_text(xmin, xmax, xip))
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        # rows of transactions that do not exist yet would count as seen by the next run
+        lambda xmin, xmax, xip: (xmax + 1000, xmax + 1000, []),
+        # a snapshot from before the run started
+        lambda xmin, xmax, xip: (1, 1, []),
+        # the open writer left out of the in-progress list: its rows would never be found
+        lambda xmin, xmax, xip: (xmax, xmax, []),
+    ],
+    ids=["future", "before-the-start", "open-transaction-dropped"],
+)
+def test_a_run_cannot_record_a_read_snapshot_that_never_existed_while_it_ran(
+    pg: psycopg.Connection,
+    open_writer: int,
+    forge: Callable[[int, int, list[int]], tuple[int, int, list[int]]],
+) -> None:
+    run_id = start_run(pg)
+    claimed = snapshot_text(*forge(*current_snapshot(pg)))
+
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="claims read snapshot"):
+        finish_claiming(pg, run_id, claimed)
+
+    row = pg.execute(
+        "SELECT status, read_snapshot FROM derivation_runs WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    assert row == ("running", None)
