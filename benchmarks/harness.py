@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from benchmarks import incremental, ingest, writepath
+from benchmarks import incremental, ingest, userwindows, writepath
 from benchmarks.child import client_tool, spawn, timed
 from derive.config import load_rules
 from derive.io.connect import connect
@@ -184,6 +184,8 @@ class ScaleResult:
     inserts: ingest.IngestResult | None = None
     #: Users and events appended before (f).
     tick_appended: dict[str, int] = field(default_factory=dict)
+    #: Reads of N listed users' windows (benchmarks/userwindows.py), one row per N.
+    user_reads: list[dict[str, Any]] = field(default_factory=list)
 
     def ratio(self, top: str, bottom: str, *, job_time: bool = False) -> float | None:
         """Median of case ``top`` over median of case ``bottom`` (None when one is missing)."""
@@ -856,6 +858,14 @@ def measure_scale(
             result.figures[case] = figure
 
         measure_ticks(server, result, names, repeat=repeat)
+        result.user_reads = userwindows.measure(
+            work, as_of=AS_OF, lookback=LOOKBACK, users=result.users, repeat=repeat
+        )
+        for row in result.user_reads:
+            log(
+                f"{scale}: --user read of {row['users']:,} users: {row['read_s']:.3f} s,"
+                f" dry run {row['dry_run_s']:.3f} s"
+            )
         if scale in WRITE_SCALES:
             measure_writes(server, result, names, repeat=repeat, scratch=scratch)
         if scale in INGEST_SCALES:

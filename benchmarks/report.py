@@ -451,6 +451,26 @@ def agreement_table(results: list[ScaleResult]) -> str:
     return "\n".join(lines)
 
 
+def user_reads_table(results: list[ScaleResult]) -> str:
+    """Reads of N listed users' windows (benchmarks/userwindows.py)."""
+    rows = [(r.scale, row) for r in results for row in r.user_reads]
+    if not rows:
+        return "Not measured in this run."
+    lines = [
+        "| scale | users listed | events read | read s (median) | min s | max s"
+        " | read s per 1,000 users | dry run s (read + compute) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scale, row in rows:
+        per_k = row["read_s"] / row["users"] * 1000 if row["users"] else float("nan")
+        lines.append(
+            f"| {scale} | {row['users']:,} | {row['events']:,} | {_s(row['read_s'], 3)}"
+            f" | {_s(row['read_min_s'], 3)} | {_s(row['read_max_s'], 3)} | {_s(per_k, 3)}"
+            f" | {_s(row['dry_run_s'], 3)} |"
+        )
+    return "\n".join(lines)
+
+
 def others_table(results: list[ScaleResult]) -> str:
     """Rows reported by benchmarks/bench_rollup.py and benchmarks/bench_attribution.py."""
     rows = [(r.scale, row) for r in results for row in r.others]
@@ -543,6 +563,15 @@ time widens the spread between min and max and raises the medians of every case 
 ## The watermark's cost to the application's inserts
 
 {inserts_table(results)}
+
+## Reading listed users' windows (`--user`, incremental candidates)
+
+In this process, on the work database after (d): `read_inputs` of N users chosen with a fixed seed
+(their events joined against the list, one snapshot) and `run_derivation(..., users=N, dry_run=True)`
+(what `derive run --user ... --dry-run` does after interpreter start). Linear scaling shows as a
+constant time per 1,000 users.
+
+{user_reads_table(results)}
 
 ## Other jobs
 

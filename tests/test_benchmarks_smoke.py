@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from benchmarks import child, harness, incremental, ingest, report, writepath
+from benchmarks import child, harness, incremental, ingest, report, userwindows, writepath
 from benchmarks.harness import Agreement, Figure, ScaleResult
 
 AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
@@ -170,10 +170,22 @@ def test_readme_renders_every_case_and_the_agreement() -> None:
     result.figures["c"].phases = [{"read": 0.25, "compute": 0.5}]
     result.agreement = Agreement(9_000, 9_000, 9_000, 0, 0)
 
+    result.user_reads = [
+        {
+            "users": 1_000,
+            "events": 20_000,
+            "read_s": 0.5,
+            "read_min_s": 0.4,
+            "read_max_s": 0.6,
+            "dry_run_s": 0.9,
+        }
+    ]
+
     # Act
     text = report.render([result], _env(), command="python -m benchmarks run --scale S", repeat=1)
 
     # Assert
+    assert "| S | 1,000 | 20,000 | 0.500 | 0.400 | 0.600 | 0.500 | 0.900 |" in text
     for label in harness.CASES.values():
         assert label in text
     assert "| S | (c) | read 0.250, compute 0.500 |" in text
@@ -597,3 +609,24 @@ def test_child_that_cannot_start_is_a_failure_with_the_reason() -> None:
     # Act / Assert
     with pytest.raises(RuntimeError, match="no-such-program-for-bench"):
         child.timed(["no-such-program-for-bench"])
+
+
+def test_user_window_reads_read_exactly_the_listed_users(dsn: str, pg: psycopg.Connection) -> None:
+    # Arrange: the stored users of one derive run (CLIMBER, IDLE_VIEWER, DOUBLE_SCROLLER)
+    _derive_once(dsn, pg)
+    stored = pg.execute("SELECT count(*) FROM audience_state").fetchone()
+    assert stored is not None
+    assert stored[0] >= 2
+
+    # Act: sizes above the stored count are skipped, not padded
+    rows = userwindows.measure(
+        dsn, as_of=AS_OF, lookback=harness.LOOKBACK, users=10, repeat=2, sizes=(1, 2, 50)
+    )
+
+    # Assert
+    assert [row["users"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["events"] >= row["users"]  # every stored user has events in the window
+        assert row["read_min_s"] <= row["read_s"] <= row["read_max_s"]
+    one, two = rows
+    assert one["events"] < two["events"] <= len(EVENTS)
