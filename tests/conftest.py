@@ -137,6 +137,12 @@ def dsn(admin_dsn: str, template_db: str, _scratch_databases: list[str]) -> str:
 
 
 @pytest.fixture
+def plain_dsn(admin_dsn: str, template_db: str, _scratch_databases: list[str]) -> str:
+    """Same as ``dsn``, under a name that modules overriding ``dsn`` with variants can ask for."""
+    return _new_database(admin_dsn, _scratch_databases, "derive_test", template_db)
+
+
+@pytest.fixture
 def second_dsn(admin_dsn: str, template_db: str, _scratch_databases: list[str]) -> str:
     """Another fresh, migrated database (a control for comparisons)."""
     return _new_database(admin_dsn, _scratch_databases, "derive_test", template_db)

@@ -44,7 +44,13 @@ def db_check(dsn: DsnOpt = None, as_json: JsonOpt = False) -> None:
         print_json({"database": label, "ok": not failed, "checks": [c.__dict__ for c in results]})
     else:
         for c in results:
-            mark = "[green]pass[/]" if c.ok else "[red]FAIL[/]"
+            mark = (
+                "[yellow]warn[/]"
+                if c.ok and c.warn
+                else "[green]pass[/]"
+                if c.ok
+                else "[red]FAIL[/]"
+            )
             out.print(f"{mark}  {c.name}" + (f"  ({c.detail})" if c.detail else ""))
         out.print(f"{label}: {len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:

@@ -30,6 +30,11 @@ RLS_TABLES = (
     "audience_state_history",
     "audience_state_history_steps",
     "rollup_pending",
+    "audience_event_changes",
+    "derive_migrations",
+    "derive_rejected_users",
+    "derive_requests",
+    "derive_run_writes",
 )
 TENANT_POLICIES = (
     "audience_state",
@@ -105,7 +110,19 @@ def migrate(db: Db) -> list[str]:
             )
             done.append(migration.version)
     _protect_migration_table(db)
+    _settle_grants(db)
     return done
+
+
+def _settle_grants(db: Db) -> None:
+    """Take back what default privileges granted on derive's objects (migration 0051).
+
+    Runs after every migration run, so objects of later migrations are settled too, and a
+    database whose admin roles grant ALL on new objects (Supabase) ends with derive's own grants.
+    """
+    with db.transaction():
+        if db.fetch_value("SELECT to_regprocedure('derive_settle_grants()') IS NOT NULL"):
+            db.execute("SELECT derive_settle_grants()")
 
 
 def _protect_migration_table(db: Db) -> None:
@@ -113,6 +130,10 @@ def _protect_migration_table(db: Db) -> None:
         db.execute("ALTER TABLE derive_migrations ENABLE ROW LEVEL SECURITY")
         db.execute("ALTER TABLE derive_migrations FORCE ROW LEVEL SECURITY")
         db.execute("REVOKE ALL ON derive_migrations FROM PUBLIC")
+        # Default privileges (Supabase) may have granted it to the API roles; only derive writes it.
+        for role in ROLES:
+            if db.fetch_value("SELECT 1 FROM pg_roles WHERE rolname = $1", (role,)):
+                db.execute(f'REVOKE ALL ON derive_migrations FROM "{role}"')
         # FORCE applies to the owner too: the migrating role keeps full access, and whoever is
         # granted SELECT may read the recorded versions.
         db.execute("DROP POLICY IF EXISTS derive_owner_all ON derive_migrations")
@@ -143,11 +164,20 @@ def ensure_migrated(db: Db, *, fix: str = "derive db migrate") -> None:
 
 @dataclass(frozen=True)
 class Check:
-    """One line of ``derive db check``."""
+    """One line of ``derive db check``.
+
+    ``warn`` marks a passing line worth reading: a setting of the database (Supabase's default
+    privileges, a role with BYPASSRLS) that derive's own grants and guard already answer.
+    """
 
     name: str
     ok: bool
     detail: str = ""
+    warn: bool = False
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+_CLIENTS = ("anon", "authenticated")
 
 
 def check(db: Db) -> list[Check]:
@@ -191,22 +221,27 @@ def check(db: Db) -> list[Check]:
                 "" if rls and force else f"enabled={rls} forced={force}",
             )
         )
-    for table in PROTECTED_TABLES:
+    for table in RLS_TABLES:
         if table not in flags:
             continue
-        for role in ("anon", "authenticated"):
+        for role in _CLIENTS:
             granted = [
                 priv
-                for priv in ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+                for priv in _WRITES
                 if db.fetch_value("SELECT has_table_privilege($1, $2, $3)", (role, table, priv))
             ]
-            results.append(
-                Check(
-                    f"{role} cannot write {table}",
-                    not granted,
-                    f"holds {', '.join(granted)}" if granted else "",
+            if granted or table in PROTECTED_TABLES:  # one line per table only where it matters
+                results.append(
+                    Check(
+                        f"{role} cannot write {table}",
+                        not granted,
+                        f"holds {', '.join(granted)}: run `derive db migrate` (it revokes what"
+                        " default privileges or a manual GRANT gave)"
+                        if granted
+                        else "",
+                    )
                 )
-            )
+    results.extend(_function_checks(db))
     policies = {
         str(t)
         for (t,) in db.fetch_all(
@@ -227,8 +262,10 @@ def check(db: Db) -> list[Check]:
         if "audience_state" in flags
         else {}
     )
+    guarded = True
     for trigger in ("audience_state_guard", "audience_state_guard_truncate"):
         state = triggers.get(trigger)
+        guarded = guarded and state == "O"
         results.append(
             Check(
                 f"guard trigger {trigger} enabled",
@@ -236,8 +273,138 @@ def check(db: Db) -> list[Check]:
                 "missing" if state is None else ("" if state == "O" else f"tgenabled={state}"),
             )
         )
+    present = [t for t in RLS_TABLES if t in flags]
+    results.extend(_bypassrls_checks(db, present, guarded=guarded))
+    results.extend(_default_privilege_checks(db))
     db.rollback()
     return results
+
+
+def _function_checks(db: Db) -> list[Check]:
+    """The client roles may execute none of derive's definer functions (they write the run log)."""
+    results = []
+    for role in _CLIENTS:
+        callable_ = [
+            str(name)
+            for (name,) in db.fetch_all(
+                "SELECT p.proname FROM pg_proc p"
+                " WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef"
+                "   AND (p.proname LIKE 'derive\\_%' OR p.proname = 'run_audience_derivation_batch')"
+                "   AND has_function_privilege($1, p.oid, 'EXECUTE') ORDER BY 1",
+                (role,),
+            )
+        ]
+        results.append(
+            Check(
+                f"{role} cannot execute derive's definer functions",
+                not callable_,
+                f"may execute {', '.join(sorted(set(callable_)))}: run `derive db migrate`"
+                if callable_
+                else "",
+            )
+        )
+    return results
+
+
+def _bypassrls_checks(db: Db, tables: list[str], *, guarded: bool) -> list[Check]:
+    """Roles that bypass RLS: fatal for the client roles, a warning for the others that can write.
+
+    BYPASSRLS skips policies, not triggers: the guard still rejects every write to audience_state
+    outside a derive run. The other tables have no such guard; only grants limit such a role.
+    """
+    results = []
+    for role in _CLIENTS:
+        bypass = db.fetch_value(
+            "SELECT rolbypassrls OR rolsuper FROM pg_roles WHERE rolname = $1", (role,)
+        )
+        results.append(
+            Check(
+                f"{role} is bound by RLS",
+                not bypass,
+                "it has BYPASSRLS: tenant policies do not limit what it reads;"
+                f" ALTER ROLE {role} NOBYPASSRLS"
+                if bypass
+                else "",
+            )
+        )
+    rows = db.fetch_all(
+        "SELECT r.rolname, array_agg(t.name ORDER BY t.name),"
+        "       (SELECT string_agg(m.rolname, ', ' ORDER BY m.rolname) FROM pg_auth_members a"
+        "          JOIN pg_roles m ON m.oid = a.member WHERE a.roleid = r.oid)"
+        "  FROM pg_roles r CROSS JOIN unnest($1::text[]) AS t(name)"
+        " WHERE r.rolbypassrls AND NOT r.rolsuper AND r.rolname NOT IN ('anon', 'authenticated')"
+        "   AND (has_table_privilege(r.oid, t.name, 'INSERT')"
+        "        OR has_table_privilege(r.oid, t.name, 'UPDATE')"
+        "        OR has_table_privilege(r.oid, t.name, 'DELETE')"
+        "        OR has_table_privilege(r.oid, t.name, 'TRUNCATE'))"
+        " GROUP BY r.oid, r.rolname ORDER BY r.rolname",
+        ("{" + ",".join(tables) + "}",),
+    )
+    for role, writable, members in rows:
+        names = list(writable)
+        others = [t for t in names if t != "audience_state"]
+        parts = []
+        if "audience_state" in names:
+            parts.append(
+                "audience_state: the guard trigger still rejects its writes outside a derive run"
+                if guarded
+                else "audience_state: the guard trigger is missing or disabled, nothing stops it"
+            )
+        if others:
+            parts.append(
+                f"{', '.join(others)}: no policy binds it there, only its grants"
+                " (keep its credentials server-side)"
+            )
+        if members:
+            parts.append(f"members that can SET ROLE to it: {members}")
+        results.append(
+            Check(
+                f"{role} bypasses RLS and can write derived tables",
+                guarded or "audience_state" not in names,
+                "; ".join(parts),
+                warn=True,
+            )
+        )
+    return results
+
+
+def _default_privilege_checks(db: Db) -> list[Check]:
+    """Default privileges of the roles that own derive's tables, granting clients on new objects.
+
+    They would reach every table a later migration creates; ``derive db migrate`` takes them back
+    on derive's objects (:func:`_settle_grants`), so they are a warning, not a failure. The grants
+    on the existing tables are checked above.
+    """
+    rows = db.fetch_all(
+        "SELECT r.rolname, coalesce(n.nspname, '(all schemas)'), d.defaclobjtype,"
+        "       string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
+        "                  ELSE a.grantee::regrole::text END, ', '),"
+        "       string_agg(DISTINCT a.privilege_type, ', ')"
+        "  FROM pg_default_acl d JOIN pg_roles r ON r.oid = d.defaclrole"
+        "  LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace"
+        "  CROSS JOIN aclexplode(d.defaclacl) a"
+        " WHERE (d.defaclnamespace = 0 OR d.defaclnamespace = current_schema()::regnamespace)"
+        "   AND d.defaclobjtype IN ('r', 'f', 'S')"
+        "   AND (a.grantee = 0 OR a.grantee IN (SELECT oid FROM pg_roles"
+        "                                       WHERE rolname IN ('anon', 'authenticated')))"
+        "   AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'EXECUTE', 'USAGE')"
+        "   AND NOT (a.grantee = 0 AND a.privilege_type = 'EXECUTE')"
+        " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
+    kinds = {"r": "tables", "f": "functions", "S": "sequences"}
+    if not rows:
+        return [Check("no default privileges grant clients derive's new objects", True)]
+    return [
+        Check(
+            f"default privileges of {role} in {schema} grant {kinds[str(kind)]} to {grantees}",
+            True,
+            f"{privileges} on every new {kinds[str(kind)][:-1]}; derive db migrate revokes them"
+            " from derive's own objects (checked above), other objects created by"
+            f" {role} keep them",
+            warn=True,
+        )
+        for role, schema, kind, grantees, privileges in rows
+    ]
 
 
 def require_schema(db: Db) -> None:

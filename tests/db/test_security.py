@@ -3,6 +3,11 @@
 Rows of audience_state can only be arranged the way the job writes them (a ``running`` run row of
 this session, ``SET LOCAL ROLE service_role`` and ``derive.run_id``), which doubles as the proof
 that the guard lets the job through while rejecting everything else.
+
+Every test runs twice: on the shared test server (roles made by derive's migrations) and on a
+Supabase-shaped cluster (tests/db/conftest.py: service_role with BYPASSRLS, default privileges
+granting ALL on new objects to anon and authenticated), where only derive's own revokes and the
+guard stand between the API roles and the derived tables.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 from psycopg import sql
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def dsn(request: pytest.FixtureRequest) -> str:
+    """A fresh migrated database: on the shared server, or Supabase-shaped."""
+    if request.param == "supabase":
+        return str(request.getfixturevalue("supabase_dsn"))
+    return str(request.getfixturevalue("plain_dsn"))
+
 
 USER_A = "0b8f3c9e-3a3c-4d5e-8f00-00000000000a"
 USER_B = "0b8f3c9e-3a3c-4d5e-8f00-00000000000b"
