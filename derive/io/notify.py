@@ -41,6 +41,8 @@ class Listener:
 
     def __init__(self, dsn: str, *, connect_timeout: int = 5) -> None:
         self.label = describe_dsn(dsn)
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout
         try:
             self._conn = psycopg.connect(
                 dsn, autocommit=True, connect_timeout=connect_timeout, application_name="derive"
@@ -52,11 +54,24 @@ class Listener:
             ) from None
 
     def delivers(self, timeout: float = 2.0) -> bool:
-        """Whether a notification sent on this connection comes back: ``False`` behind a
-        transaction-mode pooler, where LISTEN does not survive the statement."""
+        """Whether a notification sent later, from another connection, reaches this one.
+
+        ``False`` behind a transaction-mode pooler (PgBouncer, Supavisor on port 6543): LISTEN
+        stays on whichever server connection ran it, which the pooler hands to other clients
+        between transactions, so later notifications go to the pool, not to us. The probe must
+        come from a separate connection in a separate, later transaction: a NOTIFY sent on the
+        listening connection itself would run on the very server connection that listens and
+        come back even through such a pooler.
+        """
         probe = f"derive-probe-{uuid.uuid4()}"
         try:
-            self._conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
+            with psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=self._connect_timeout,
+                application_name="derive",
+            ) as other:
+                other.execute("SELECT pg_notify(%s, %s)", (CHANNEL, probe))
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
                 for note in self._conn.notifies(timeout=left, stop_after=1):

@@ -14,14 +14,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
+from derive.io.notify import Listener
 from tests.db.helpers import engaged_user, hold_lease, insert_events, states
+from tests.db.test_watch import Watch, insert_view, stopped_stats, wait_for_state, watch_factory
+
+__all__ = ["watch_factory"]  # the fixture, shared with test_watch
 
 pytestmark = pytest.mark.pgbouncer
 
@@ -143,3 +148,58 @@ def test_a_run_through_the_pooler_while_another_holds_the_lease_exits_75(
     hold_lease(pg, "derive")
     result = derive("run", "--dsn", via(pooler, dsn), "--as-of", AS_OF)
     assert result.returncode == 75, result.stderr
+
+
+def test_watch_behind_the_pooler_finds_listen_undelivered_and_polls_a_real_insert(
+    dsn: str, pooler: tuple[str, int], watch_factory: Callable[..., Watch]
+) -> None:
+    pooled = via(pooler, dsn)
+    watch = watch_factory("--dsn", pooled)
+    watch.wait_for_line("LISTEN does not deliver", timeout=60)
+    start = watch.wait_for_line("full run (no base run)", timeout=60)
+    user = uuid.UUID(int=0xF1)
+
+    insert_view(pooled, user)
+    wait_for_state(dsn, user, timeout=60)
+    watch.wait_for_line("incremental run", after=start, timeout=60)
+    code = watch.terminate()
+
+    assert code == 0
+    assert not any("listening on" in line for line in watch.lines), watch.lines
+    assert stopped_stats(watch)["polling"] == "True"
+
+
+def test_watch_with_poll_behind_the_pooler_never_listens(
+    dsn: str, pooler: tuple[str, int], watch_factory: Callable[..., Watch]
+) -> None:
+    pooled = via(pooler, dsn)
+    watch = watch_factory("--dsn", pooled, "--poll", "1s")
+    start = watch.wait_for_line("full run (no base run)", timeout=60)
+    user = uuid.UUID(int=0xF2)
+
+    insert_view(pooled, user)
+    wait_for_state(dsn, user, timeout=60)
+    watch.wait_for_line("incremental run", after=start, timeout=60)
+    code = watch.terminate()
+
+    assert code == 0
+    assert any("polling" in line for line in watch.lines), watch.lines
+    assert not any("listening on" in line for line in watch.lines), watch.lines
+
+
+def test_listen_delivers_directly(dsn: str) -> None:
+    listener = Listener(dsn)
+    try:
+        assert listener.delivers()
+    finally:
+        listener.close()
+
+
+def test_listen_through_the_transaction_pooler_does_not_deliver(
+    dsn: str, pooler: tuple[str, int]
+) -> None:
+    listener = Listener(via(pooler, dsn))
+    try:
+        assert not listener.delivers()
+    finally:
+        listener.close()

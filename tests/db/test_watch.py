@@ -186,7 +186,10 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
 
 
 def test_watch_derives_a_user_within_seconds_of_an_insert(
-    dsn: str, pg: psycopg.Connection, watch_factory: Callable[..., Watch]
+    dsn: str,
+    pg: psycopg.Connection,
+    watch_factory: Callable[..., Watch],
+    record_property: Callable[[str, object], None],
 ) -> None:
     watch = watch_factory("--dsn", dsn)
     first = watch.wait_for_line("full run (no base run)")  # the start: nothing to build on yet
@@ -197,9 +200,11 @@ def test_watch_derives_a_user_within_seconds_of_an_insert(
     watch.wait_for_line("incremental run", after=first)
     code = watch.terminate()
 
-    assert (
-        derived - inserted < 10.0
-    )  # debounce 1 s + one small incremental run (figure: benchmarks)
+    # Woken by the notification, 1 s of debounce, one small incremental run: about 1.2 s on an
+    # idle machine (the figure: python -m benchmarks.watchlatency). Recorded, not asserted.
+    latency = derived - inserted
+    record_property("insert_to_derived_seconds", round(latency, 3))
+    print(f"watch latency, insert commit to derived row: {latency:.3f}s (--debounce 1s)")
     assert code == 0
     assert runs(pg) == [("succeeded", "full"), ("succeeded", "incremental")]
     assert stopped_stats(watch)["runs"] == "2"
@@ -229,7 +234,7 @@ def test_a_flood_of_garbage_notifications_costs_no_run_and_real_inserts_still_ar
 
     stats = stopped_stats(watch)
     assert during_flood == [("succeeded", "full")]  # garbage woke it; the probe found nothing
-    assert derived - inserted < 10.0
+    print(f"insert to derived after the flood: {derived - inserted:.3f}s")
     assert code == 0
     assert stats["reconnects"] == "0"
     assert stats["failed runs"] == "0"
@@ -364,7 +369,7 @@ def test_watch_recovers_after_a_postgresql_restart(
     derived = wait_for_state(dsn, second, timeout=30)
     code = watch.terminate()
 
-    assert derived - inserted < 10.0
+    print(f"insert to derived after the restart: {derived - inserted:.3f}s")
     assert code == 0
     with psycopg.connect(dsn) as conn:
         assert runs(conn)[-1] == ("succeeded", "incremental")
