@@ -116,6 +116,7 @@ SELECT s.user_id, 3::int2
           FROM audience_state s
          WHERE s.last_activity_at > current_setting('derive.t0')::timestamptz - make_interval(days => d.days)
            AND s.last_activity_at <= current_setting('derive.t1')::timestamptz - make_interval(days => d.days)
+        OFFSET 0  -- an index range per threshold (pulled up, it became a scan of every state)
        ) s
 UNION ALL
 -- The stored last_activity_at lags when only weight-0 events arrived (the row is written only when

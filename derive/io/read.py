@@ -271,6 +271,28 @@ def estimate_window(db: Db, *, window_start: datetime, as_of: datetime) -> tuple
     return rows, largest
 
 
+#: Stored states as the planner estimates them (its statistics scaled to the table's current
+#: size); NULL when the table has no statistics yet.
+_STATES_ESTIMATE_SQL = """
+SELECT CASE WHEN c.reltuples >= 0 AND c.relpages > 0
+            THEN (c.reltuples / c.relpages
+                  * (pg_relation_size(c.oid) / current_setting('block_size')::int))::bigint END
+  FROM pg_class c
+ WHERE c.oid = 'audience_state'::regclass
+"""
+
+
+def estimate_states(db: Db) -> int:
+    """Stored states: the planner's estimate when the table has statistics, else counted.
+
+    Only for choosing between two reads that give the same answer (no scan of the table).
+    """
+    estimate = db.fetch_value(_STATES_ESTIMATE_SQL)
+    if estimate is not None:
+        return int(estimate)
+    return int(db.fetch_value("SELECT count(*) FROM audience_state"))
+
+
 def read_state_counts(db: Db) -> dict[str, int]:
     """Stored users per state."""
     return {str(state): int(n) for state, n in db.fetch_all(STATE_COUNTS_SQL)}

@@ -67,8 +67,10 @@ def pair(
     dsn: str, second_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, str, psycopg.Connection, psycopg.Connection]]:
     """(incremental db, full db) with superuser connections; the incremental path never falls
-    back to reading the whole window (it would hide the candidate read from these tests)."""
+    back to reading the whole window (it would hide the candidate read from these tests), and
+    reads the candidates' windows in two halves on two connections from two users on."""
     monkeypatch.setattr(derivation, "FULL_READ_SHARE", 1e9)
+    monkeypatch.setattr(derivation, "SPLIT_READ_USERS", 2)
     with (
         psycopg.connect(dsn, autocommit=True) as inc,
         psycopg.connect(second_dsn, autocommit=True) as full,
@@ -525,3 +527,27 @@ def test_verify_finds_a_silent_superuser_edit(dsn: str, pg: psycopg.Connection) 
         (str(uid(2)), "score or last event type differs"),
     ]
     assert json.dumps(dirty.differences.to_dicts(), default=str)
+
+
+@pytest.mark.parametrize("split_from", [1, 2, 10**6], ids=["split-always", "split-2", "one-read"])
+def test_listed_users_read_in_halves_or_whole_give_the_same_inputs(
+    dsn: str, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, split_from: int
+) -> None:
+    insert_events(pg, [row for n in range(1, 6) for row in engaged_user(n)])
+    run(dsn)  # stored states for all five
+    monkeypatch.setattr(derivation, "SPLIT_READ_USERS", split_from)
+    listed = [str(uid(n)) for n in (1, 2, 3, 5)]
+
+    with connect(dsn) as db:
+        inputs = derivation.read_inputs(
+            db, as_of=AS_OF, lookback=timedelta(days=120), rules=load_rules(), users=listed
+        )
+
+    assert sorted(
+        {str(u) for u in inputs.events.get_column("user_id").bin.encode("hex")}
+    ) == sorted(u.replace("-", "") for u in listed)
+    assert inputs.events.height == 4 * len(engaged_user(1))
+    assert inputs.events.get_column("id").n_unique() == inputs.events.height
+    assert sorted(inputs.stored.get_column("user_id").bin.encode("hex").to_list()) == sorted(
+        u.replace("-", "") for u in listed
+    )
