@@ -70,12 +70,65 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the results without rewriting README.md and the plot",
     )
+    jobs = commands.add_parser(
+        "jobs",
+        help="measure only the rollup and/or attribution benchmarks (print JSON lines, no README)",
+        description="Run benchmarks/bench_rollup.py and/or benchmarks/bench_attribution.py on a"
+        " fresh migrated database each, print one JSON object per row (with the load average"
+        " before and after), and leave README.md alone. `run` measures the same rows.",
+    )
+    jobs.add_argument("--scale", nargs="+", choices=SCALES, default=["S"], help="(default: S)")
+    jobs.add_argument(
+        "--job",
+        nargs="+",
+        choices=["rollup", "attribution"],
+        default=["rollup", "attribution"],
+        help="which jobs (default: both)",
+    )
+    jobs.add_argument("--dsn", help="superuser URL of the server (as for `run`)")
+    jobs.add_argument("--db-prefix", default="derive_bench", metavar="NAME", help="as for `run`")
     return parser
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """``python -m benchmarks jobs``: only the other jobs' rows, as JSON lines."""
+    import json
+    import os
+
+    from benchmarks import harness
+
+    server = harness.server_dsn(args.dsn)
+    names = harness.Names(args.db_prefix)
+    for scale in sorted(dict.fromkeys(args.scale), key=SCALES.index):
+        for job in args.job:
+            before = os.getloadavg()
+            rows = harness.measure_others(server, scale, names, jobs=[f"bench_{job}"])
+            load = {"before": before, "after": os.getloadavg()}
+            for found in rows:
+                row = found
+                if "write" in found:
+                    w = found["write"]
+                    ratio = (w.rows / w.indexed) / w.job_rate if w.indexed and w.job_rate else None
+                    row = {
+                        "job": job,
+                        "case": f"write path: {w.step}",
+                        "rows": w.rows,
+                        "job_s": w.job_seconds,
+                        "plain_copy_s": w.indexed,
+                        "copy_without_indexes_s": w.bare,
+                        "job_s_over_plain_copy_s": None if ratio is None else round(ratio, 2),
+                    }
+                sys.stdout.write(json.dumps({"scale": scale, **row, "load_avg": load}) + "\n")
+                sys.stdout.flush()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (1 when a step fails or (a) and (c) disagree)."""
     args = _parser().parse_args(argv)
+    if args.command == "jobs":
+        _require_extras()
+        return _jobs(args)
     if args.repeat < 1:
         sys.stderr.write("--repeat must be at least 1\n")
         return 2

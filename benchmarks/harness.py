@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -892,10 +892,13 @@ def _counts_note(counts: Mapping[str, Any]) -> str:
     return ", ".join(shown)
 
 
-def measure_others(server: str, scale: str, names: Names = Names()) -> list[dict[str, Any]]:
-    """Rows of the other jobs' benchmark modules, each on its own fresh migrated database."""
+def measure_others(
+    server: str, scale: str, names: Names = Names(), *, jobs: Sequence[str] = OTHER_JOBS
+) -> list[dict[str, Any]]:
+    """Rows of the other jobs' benchmark modules (``jobs``: which of :data:`OTHER_JOBS`), each on
+    its own fresh migrated database."""
     rows: list[dict[str, Any]] = []
-    for name in OTHER_JOBS:
+    for name in jobs:
         if not (HERE / f"{name}.py").exists():
             log(f"{scale}: benchmarks/{name}.py not present, skipped")
             continue
