@@ -127,13 +127,13 @@ def run_once(dsn: str, as_of: datetime, *, full: bool = False) -> Run:
 def _vacuum(dsn: str) -> None:
     """What autovacuum would have done before the next scheduled rollup."""
     with connect(dsn, autocommit=True) as db:
-        db.execute("VACUUM ANALYZE metric_aggregates")
+        db.execute("VACUUM ANALYZE metric_aggregate_rows")
 
 
 def _reset(dsn: str) -> None:
     with connect(dsn, autocommit=True) as db:
-        db.execute("TRUNCATE metric_aggregates")
-        db.execute("VACUUM ANALYZE metric_aggregates")
+        db.execute("TRUNCATE metric_aggregate_rows, rollup_clock")
+        db.execute("VACUUM ANALYZE metric_aggregate_rows")
 
 
 def _figure(case: str, rows: int, runs: list[Run]) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def measure(dsn: str, *, scale: str) -> list[dict[str, Any]]:
             dsn,
             writepath.Step(
                 "metric aggregates (first run)",
-                "metric_aggregates",
+                "metric_aggregate_rows",
                 "%s::text IS NOT NULL",
                 ("write",),
             ),

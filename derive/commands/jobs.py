@@ -172,10 +172,13 @@ def rollup_cmd(
     removed), so no total contradicts its sources. Ties on fetched_at go to the later ingest,
     then the later object and row of the file. Incremental: only source rows committed after
     the previous rollup's read snapshot are read (--full reads all). Identical re-fetches count
-    as refreshed (refreshed_refetched_identical). Missing aggregates are created; due ones (stale_after <= --as-of) are recomputed
-    when their sources changed, otherwise only their stale_after moves (+15m for windows that
-    ended within 24h, +1h within 7d, +1d within 90d, 'infinity' beyond). Aggregates not yet due
-    are not touched. Logged in derivation_runs. Exit codes: 0 done, 1 failed, 2 usage error,
+    as refreshed (refreshed_refetched_identical). Missing aggregates are created with
+    stale_after = computed_at + 15m for windows that ended within 24h, +1h within 7d, +1d
+    within 90d, 'infinity' beyond; due ones (stale_after <= --as-of) are recomputed when their
+    sources changed, otherwise only their stale_after moves, to the next quarter hour, hour or
+    UTC midnight after --as-of by the same bands, without rewriting the row (the run records its
+    clock in rollup_clock; metric_aggregates is a view that reads it). Logged in
+    derivation_runs. Exit codes: 0 done, 1 failed, 2 usage error,
     75 skipped (another rollup holds the lock).
     """
     from derive.config import utc_now

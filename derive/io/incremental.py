@@ -67,31 +67,60 @@ def read_snapshot(db: Db) -> str:
     return str(db.fetch_value("SELECT pg_current_snapshot()::text"))
 
 
+def unseen_rows_sql(
+    *, columns: str, table: str, alias: str, xid: str, snapshot: str, where: str = "true"
+) -> str:
+    """SQL of the rows of ``table`` that ``snapshot`` could not see: the one watermark builder.
+
+    A row is unseen when the transaction that inserted it (its ``xid`` column, an xid8) started at
+    or after the snapshot's xmax, or was in progress when it was taken (its xip list): an index
+    range over ``xid`` plus one index lookup per in-progress transaction. (Everything below the
+    snapshot's xmin was visible; a range from xmin instead would read every row since the oldest
+    transaction open at the time.) Rows with a null ``xid`` count as seen.
+
+    Args:
+        columns: the select list, naming columns through ``alias``.
+        table: the table (our own name, never user input), read as ``alias``.
+        xid: its xid8 column.
+        snapshot: an SQL expression of type pg_snapshot (e.g. a ``current_setting(...)`` cast).
+        where: further conditions on ``alias`` (both branches).
+    """
+    return f"""SELECT {columns}
+  FROM {table} {alias}
+ WHERE {alias}.{xid} >= pg_snapshot_xmax({snapshot}) AND ({where})
+UNION ALL
+SELECT {columns}
+  FROM pg_snapshot_xip({snapshot}) AS derive_xip(xid)
+ CROSS JOIN LATERAL (
+        SELECT {alias}.* FROM {table} {alias}
+         WHERE {alias}.{xid} = derive_xip.xid AND ({where})
+        OFFSET 0  -- one index lookup per in-progress xid (a hash join would scan the table)
+       ) {alias}"""
+
+
+_BASE_SNAPSHOT = "current_setting('derive.base_snapshot')::pg_snapshot"
+
 # Each branch is an index range scan: the watermark index (new rows), the created_at index (rows
 # entering and leaving the window by time), the last_activity_at index (retention thresholds),
 # and two small tables. The bounds come from transaction-local settings (see ``set_bounds``).
-_CANDIDATES_SQL = """
--- Not visible in the base snapshot = started at or after its xmax, or in progress then (its xip
--- list): an index range plus point lookups. (Everything below its xmin was visible; scanning
--- from xmin instead would read every row since the oldest transaction open at the time.)
-SELECT e.user_id, 0::int2 AS reason
-  FROM audience_events e
- WHERE e.ingest_xid >= pg_snapshot_xmax(current_setting('derive.base_snapshot')::pg_snapshot)
-   AND e.user_id IS NOT NULL
-   AND e.event_category <> 'system'
-UNION ALL
-SELECT e.user_id, 0::int2
-  FROM pg_snapshot_xip(current_setting('derive.base_snapshot')::pg_snapshot) AS x(xid)
- CROSS JOIN LATERAL (
-        SELECT e.user_id FROM audience_events e
-         WHERE e.ingest_xid = x.xid AND e.user_id IS NOT NULL AND e.event_category <> 'system'
-        OFFSET 0  -- one index lookup per in-progress xid (a hash join would scan the table)
-       ) e
-UNION ALL
-SELECT c.user_id, 0::int2
-  FROM audience_event_changes c
- WHERE c.xid >= pg_snapshot_xmax(current_setting('derive.base_snapshot')::pg_snapshot)
-    OR c.xid IN (SELECT pg_snapshot_xip(current_setting('derive.base_snapshot')::pg_snapshot))
+_CANDIDATES_SQL = (
+    unseen_rows_sql(
+        columns="e.user_id, 0::int2 AS reason",
+        table="audience_events",
+        alias="e",
+        xid="ingest_xid",
+        snapshot=_BASE_SNAPSHOT,
+        where="e.user_id IS NOT NULL AND e.event_category <> 'system'",
+    )
+    + "\nUNION ALL\n"
+    + unseen_rows_sql(
+        columns="c.user_id, 0::int2",
+        table="audience_event_changes",
+        alias="c",
+        xid="xid",
+        snapshot=_BASE_SNAPSHOT,
+    )
+    + """
 UNION ALL
 SELECT e.user_id, 1::int2
   FROM audience_events e
@@ -136,6 +165,7 @@ SELECT r.user_id, 4::int2 FROM derive_rejected_users r
 UNION ALL
 SELECT q.user_id, 5::int2 FROM derive_requests q WHERE q.status = 'pending'
 """
+)
 
 
 def set_bounds(
@@ -172,19 +202,20 @@ def pending_requests(db: Db) -> int:
     )
 
 
-_ANYTHING_NEW_SQL = """
-SELECT EXISTS (SELECT 1 FROM audience_events e
-                WHERE e.ingest_xid >= pg_snapshot_xmax($1::pg_snapshot)
-                  AND e.user_id IS NOT NULL AND e.event_category <> 'system')
-    OR EXISTS (SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) AS x(xid)
-                CROSS JOIN LATERAL (
-                       SELECT 1 FROM audience_events e
-                        WHERE e.ingest_xid = x.xid
-                          AND e.user_id IS NOT NULL AND e.event_category <> 'system'
-                       OFFSET 0) e)
-    OR EXISTS (SELECT 1 FROM audience_event_changes c
-                WHERE c.xid >= pg_snapshot_xmax($1::pg_snapshot)
-                   OR c.xid IN (SELECT pg_snapshot_xip($1::pg_snapshot)))
+_EVENTS_UNSEEN = unseen_rows_sql(
+    columns="1",
+    table="audience_events",
+    alias="e",
+    xid="ingest_xid",
+    snapshot="$1::pg_snapshot",
+    where="e.user_id IS NOT NULL AND e.event_category <> 'system'",
+)
+_CHANGES_UNSEEN = unseen_rows_sql(
+    columns="1", table="audience_event_changes", alias="c", xid="xid", snapshot="$1::pg_snapshot"
+)
+_ANYTHING_NEW_SQL = f"""
+SELECT EXISTS ({_EVENTS_UNSEEN})
+    OR EXISTS ({_CHANGES_UNSEEN})
     OR EXISTS (SELECT 1 FROM derive_requests q WHERE q.status = 'pending')
     -- rows the base saw but stamped after its as_of (inserted between its clock and its read)
     OR EXISTS (SELECT 1 FROM audience_events e

@@ -20,6 +20,7 @@ import polars as pl
 
 from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
+from derive.io.incremental import unseen_rows_sql
 from derive.io.touchpoints import arrow_uuid
 
 # --------------------------------------------------------------------------------------------------
@@ -303,13 +304,19 @@ _BASE = "current_setting('derive.base_snapshot')::pg_snapshot"
 # read snapshot (any fetched_at, rows of transactions still open at that snapshot included: their
 # xid is not visible in it), plus the rows the base run left pending. A timestamp or sequence
 # cursor would lose the rows of transactions open at read time; the snapshot horizon cannot.
-_CANDIDATES_SQL = f"""
-SELECT s.user_id, s.metric_kind, s.window_start, s.window_end, s.fetched_at
-  FROM surface_metrics s
- WHERE s.xid >= pg_snapshot_xmin({_BASE}) AND NOT pg_visible_in_snapshot(s.xid, {_BASE})
+_CANDIDATES_SQL = (
+    unseen_rows_sql(
+        columns="s.user_id, s.metric_kind, s.window_start, s.window_end, s.fetched_at",
+        table="surface_metrics",
+        alias="s",
+        xid="xid",
+        snapshot=_BASE,
+    )
+    + """
 UNION ALL
 SELECT p.user_id, p.metric_kind, p.window_start, p.window_end, p.fetched_at FROM rollup_pending p
 """
+)
 
 _FRESH = f"""EXISTS (SELECT 1 FROM metric_aggregates a
           WHERE a.user_id = c.user_id AND a.metric_kind = c.metric_kind
@@ -349,7 +356,7 @@ _PART_COLUMNS = """a.user_id, a.metric_kind::text AS metric_kind, a.window_start
             CASE WHEN abs(e.value::numeric) < 1e14
                  THEN (e.value::numeric * 10000)::int8 END END AS value_e4"""
 
-_PARTS_FROM = """metric_aggregates a
+_PARTS_FROM = """metric_aggregate_rows a
  CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(a.surface_breakdown) = 'object'
                                     THEN a.surface_breakdown ELSE '{}'::jsonb END) AS e"""
 
@@ -360,26 +367,35 @@ _READY_JOIN = """JOIN pg_temp.derive_rollup_ready k
 # A full run: every source row fetched by as_of, every stored aggregate.
 _FULL_SQL = {
     "sources": f"SELECT {_SOURCE_COLUMNS} FROM surface_metrics s WHERE s.fetched_at <= {_AS_OF}",
-    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregates a",
+    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregate_rows a",
     "stored_parts": f"SELECT {_PART_COLUMNS} FROM {_PARTS_FROM}",
     "pending": "SELECT s.user_id, s.metric_kind::text AS metric_kind, s.window_start,"
     f" s.window_end, s.fetched_at FROM surface_metrics s WHERE s.fetched_at > {_AS_OF}",
 }
 
-# An incremental run: the sources and stored aggregates of the ready keys only, and the due
-# aggregates no candidate touches (they only get a new stale_after).
+# An incremental run: the sources and stored aggregates of the ready keys only.
 _INCREMENTAL_SQL = {
     "sources": f"SELECT {_SOURCE_COLUMNS} FROM surface_metrics s {_READY_JOIN.format(t='s')}"
     f" WHERE s.fetched_at <= {_AS_OF}",
-    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregates a {_READY_JOIN.format(t='a')}",
+    "stored": f"SELECT {_AGGREGATE_COLUMNS} FROM metric_aggregate_rows a"
+    f" {_READY_JOIN.format(t='a')}",
     "stored_parts": f"SELECT {_PART_COLUMNS} FROM {_PARTS_FROM} {_READY_JOIN.format(t='a')}",
     "pending": _PENDING_SQL,
-    "due": "SELECT a.user_id, a.org_id, a.metric_kind::text AS metric_kind, a.window_start,"
-    f" a.window_end FROM metric_aggregates a WHERE a.stale_after <= {_AS_OF}"
-    " AND NOT EXISTS (SELECT 1 FROM pg_temp.derive_rollup_ready k WHERE k.user_id = a.user_id"
-    "   AND k.metric_kind = a.metric_kind AND k.window_start = a.window_start"
-    "   AND k.window_end = a.window_end)",
 }
+
+# Due aggregates no candidate touches: their sources did not change, so they are not read, only
+# counted (their stale_after moves with the clock the run records, without a write), with how
+# many of them the new clock makes final.
+_UNCHANGED_DUE_SQL = f"""
+SELECT count(*) AS due,
+       count(*) FILTER (WHERE width_bucket(a.window_end,
+                        current_setting('derive.band_from')::timestamptz[]) = 0) AS final
+  FROM metric_aggregates a
+ WHERE a.stale_after <= {_AS_OF}
+   AND NOT EXISTS (SELECT 1 FROM pg_temp.derive_rollup_ready k WHERE k.user_id = a.user_id
+                    AND k.metric_kind = a.metric_kind AND k.window_start = a.window_start
+                    AND k.window_end = a.window_end)
+"""
 
 
 @dataclass(frozen=True)
@@ -397,8 +413,10 @@ class RollupInput:
     """What the rollup reads, in one snapshot.
 
     ``sources`` / ``stored`` / ``stored_parts``: the source rows, stored aggregates and their
-    breakdown of the keys to recompute (all keys in a full run); ``due``: stored aggregates that
-    are due but untouched by new sources (empty in a full run); ``pending``: source rows left for
+    breakdown of the keys to recompute (all keys in a full run); ``unchanged_due``: how many
+    stored aggregates are due but untouched by new sources (0 in a full run, where they are in
+    ``stored``), ``unchanged_due_final`` how many of them the run's clock makes final;
+    ``pending``: source rows left for
     a later run (fetched after as_of, or their aggregate is still fresh); ``snapshot``: the read
     snapshot (``pg_current_snapshot()``), the next run's horizon.
     """
@@ -406,9 +424,15 @@ class RollupInput:
     sources: pl.DataFrame
     stored: pl.DataFrame
     stored_parts: pl.DataFrame
-    due: pl.DataFrame
     pending: pl.DataFrame
     snapshot: str
+    unchanged_due: int = 0
+    unchanged_due_final: int = 0
+
+
+def timestamp_array(values: list[datetime]) -> str:
+    """``values`` as the text of a PostgreSQL timestamptz[] (for a bound setting or parameter)."""
+    return "{" + ",".join(f'"{v.isoformat()}"' for v in values) + "}"
 
 
 def rollup_base(db: Db) -> RollupBase | None:
@@ -425,11 +449,16 @@ def rollup_base(db: Db) -> RollupBase | None:
     return RollupBase(str(run_id), as_of, rules_version, snapshot)
 
 
-def read_rollup_input(db: Db, *, as_of_iso: str, base_snapshot: str | None) -> RollupInput:
+def read_rollup_input(
+    db: Db, *, as_of_iso: str, base_snapshot: str | None, band_from: list[datetime]
+) -> RollupInput:
     """Read the rollup's input in one snapshot (one REPEATABLE READ transaction, service_role).
 
     ``base_snapshot`` given: an incremental read from that horizon; ``None``: a full read.
+    ``band_from``: the run's clock (see ``derive.transforms.rollup.rollup_clock``), to count the
+    unchanged due aggregates it makes final.
     """
+    due = (0, 0)
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
@@ -438,14 +467,17 @@ def read_rollup_input(db: Db, *, as_of_iso: str, base_snapshot: str | None) -> R
         db.set_local(as_of=as_of_iso)
         if base_snapshot is None:
             frames = {name: db.fetch_df(sql) for name, sql in _FULL_SQL.items()}
-            frames["due"] = pl.DataFrame()
         else:
-            db.set_local(base_snapshot=base_snapshot)
+            db.set_local(base_snapshot=base_snapshot, band_from=timestamp_array(band_from))
             db.execute(f"CREATE TEMP TABLE derive_rollup_ready ON COMMIT DROP AS {_READY_SQL}")
             frames = {name: db.fetch_df(sql) for name, sql in _INCREMENTAL_SQL.items()}
+            [row] = db.fetch_all(_UNCHANGED_DUE_SQL)
+            due = (int(row[0]), int(row[1]))
     finally:
         db.rollback()
-    return RollupInput(snapshot=snapshot, **frames)
+    return RollupInput(
+        snapshot=snapshot, unchanged_due=due[0], unchanged_due_final=due[1], **frames
+    )
 
 
 def lock_owners(db: Db) -> None:
@@ -472,17 +504,47 @@ def lock_owners(db: Db) -> None:
     )
 
 
-def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str, int]:
-    """Apply a rollup plan inside the caller's transaction. Returns rows written, touched, removed.
+@dataclass(frozen=True)
+class RollupClock:
+    """One run's ``rollup_clock`` row (see ``derive.transforms.rollup.rollup_clock``)."""
+
+    run_id: str
+    as_of: datetime
+    band_from: list[datetime]
+    band_next: list[datetime]
+
+
+def write_rollup(
+    db: Db,
+    plan: pl.DataFrame,
+    pending: pl.DataFrame,
+    *,
+    clock: RollupClock,
+) -> dict[str, int]:
+    """Apply a rollup plan inside the caller's transaction. Returns rows written and removed.
 
     ``write`` rows are inserted (new keys) or updated (recomputed keys: the plan only holds
     those whose content changed); the breakdown arrives as JSON text. New rows are inserted in key
     order with time-ordered ids (UUIDv7 layout: milliseconds, then a counter) instead of the
     column's random default, so the primary-key index grows at its right edge: about a third
-    less write time for a first rollup of ~760k aggregates. ``touch`` rows only get their
-    new ``stale_after``; ``delete`` rows are removed. ``final`` maps to 'infinity', which Arrow
-    cannot carry. ``rollup_pending`` is replaced by ``pending`` (the next run's candidates).
+    less write time for a first rollup of ~760k aggregates. ``delete`` rows are removed;
+    ``touch`` rows are not written: ``clock`` replaces the one ``rollup_clock`` row, which moves
+    their stale_after (migration 0012). ``final`` maps to 'infinity', which Arrow cannot carry.
+    ``rollup_pending`` is replaced by ``pending`` (the next run's candidates).
     """
+    db.execute(
+        "INSERT INTO rollup_clock (one, as_of, band_from, band_next, run_id)"
+        " VALUES (true, $1::timestamptz, $2::timestamptz[], $3::timestamptz[], $4::uuid)"
+        " ON CONFLICT (one) DO UPDATE SET as_of = excluded.as_of,"
+        " band_from = excluded.band_from, band_next = excluded.band_next,"
+        " run_id = excluded.run_id",
+        (
+            clock.as_of.isoformat(),
+            timestamp_array(clock.band_from),
+            timestamp_array(clock.band_next),
+            clock.run_id,
+        ),
+    )
     db.execute("DELETE FROM rollup_pending")
     if pending.height:
         _fresh_temp(db, "derive_rollup_pending", pending)
@@ -492,15 +554,16 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
             " window_start, window_end, fetched_at FROM pg_temp.derive_rollup_pending"
         )
         db.execute("DROP TABLE pg_temp.derive_rollup_pending")
+    plan = plan.filter(pl.col("action") != "touch")
     if plan.is_empty():
-        return {"written": 0, "touched": 0, "removed": 0}
+        return {"written": 0, "removed": 0}
     db.execute("SELECT set_config('work_mem', '256MB', true)")
     # uuid columns staged as uuid (not bytea): the joins below are then plain key equalities.
     db.execute("DROP TABLE IF EXISTS pg_temp.derive_rollup_plan")
     db.ingest("derive_rollup_plan", arrow_uuid(plan.to_arrow(), ["user_id", "org_id"]))
     lock_owners(db)
     removed = db.fetch_value(
-        "WITH d AS (DELETE FROM metric_aggregates m USING pg_temp.derive_rollup_plan r"
+        "WITH d AS (DELETE FROM metric_aggregate_rows m USING pg_temp.derive_rollup_plan r"
         " WHERE r.action = 'delete' AND m.user_id = r.user_id"
         " AND m.metric_kind = r.metric_kind::surface_metric_kind"
         " AND m.window_start = r.window_start AND m.window_end = r.window_end RETURNING 1)"
@@ -512,9 +575,9 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
     inserted = db.fetch_value(
         """
         WITH ins AS (
-          INSERT INTO metric_aggregates (id, user_id, org_id, metric_kind, window_start,
+          INSERT INTO metric_aggregate_rows (id, user_id, org_id, metric_kind, window_start,
                  window_end, value_numeric, currency, surfaces_included, surface_breakdown,
-                 computed_at, stale_after)
+                 computed_at, computed_stale_after)
           SELECT (lpad(to_hex((extract(epoch FROM statement_timestamp()) * 1000)::bigint), 12, '0')
                   || '70008' || lpad(to_hex(row_number() OVER w), 15, '0'))::uuid,
                  r.user_id, r.org_id,
@@ -533,12 +596,13 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
     recomputed = db.fetch_value(
         """
         WITH up AS (
-          UPDATE metric_aggregates m
+          UPDATE metric_aggregate_rows m
              SET org_id = r.org_id,
                  value_numeric = (r.value_e4::numeric / 10000)::numeric(18, 4),
                  currency = r.currency, surfaces_included = r.surfaces_included,
                  surface_breakdown = r.surface_breakdown::jsonb, computed_at = r.computed_at,
-                 stale_after = CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
+                 computed_stale_after =
+                   CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
             FROM pg_temp.derive_rollup_plan r
            WHERE r.action = 'write' AND r.outcome <> 'inserted'
              AND m.user_id = r.user_id
@@ -548,22 +612,5 @@ def write_rollup(db: Db, plan: pl.DataFrame, pending: pl.DataFrame) -> dict[str,
         SELECT count(*) FROM up
         """
     )
-    written = int(inserted) + int(recomputed)
-    touched = db.fetch_value(
-        """
-        WITH t AS (
-          UPDATE metric_aggregates m
-             SET stale_after = CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
-            FROM pg_temp.derive_rollup_plan r
-           WHERE r.action = 'touch'
-             AND m.user_id = r.user_id
-             AND m.metric_kind = r.metric_kind::surface_metric_kind
-             AND m.window_start = r.window_start AND m.window_end = r.window_end
-             AND m.stale_after IS DISTINCT FROM
-                 CASE WHEN r.final THEN 'infinity'::timestamptz ELSE r.stale_after END
-          RETURNING 1)
-        SELECT count(*) FROM t
-        """
-    )
     db.execute("DROP TABLE pg_temp.derive_rollup_plan")
-    return {"written": int(written), "touched": int(touched), "removed": int(removed)}
+    return {"written": int(inserted) + int(recomputed), "removed": int(removed)}

@@ -13,7 +13,14 @@ from derive.io.sqlscript import split_statements
 # pg_advisory_xact_lock key of the migration step (one migrator per database at a time).
 _MIGRATION_LOCK = 0x64657276  # "derv"
 
-PROTECTED_TABLES = ("audience_state", "derivation_runs", "metric_aggregates", "attribution_credits")
+#: metric_aggregates is a view over metric_aggregate_rows (migration 0012): both are checked.
+PROTECTED_TABLES = (
+    "audience_state",
+    "derivation_runs",
+    "metric_aggregates",
+    "metric_aggregate_rows",
+    "attribution_credits",
+)
 RLS_TABLES = (
     "audience_events",
     "audience_state",
@@ -22,7 +29,7 @@ RLS_TABLES = (
     "orgs",
     "prospects",
     "surface_metrics",
-    "metric_aggregates",
+    "metric_aggregate_rows",
     "prospect_touchpoints",
     "attribution_credits",
     "ingestion_sessions",
@@ -35,12 +42,13 @@ RLS_TABLES = (
     "derive_rejected_users",
     "derive_requests",
     "derive_run_writes",
+    "rollup_clock",
 )
 TENANT_POLICIES = (
     "audience_state",
     "audience_events",
     "surface_metrics",
-    "metric_aggregates",
+    "metric_aggregate_rows",
     "prospect_touchpoints",
     "attribution_credits",
     "ingestion_sessions",
@@ -204,7 +212,7 @@ def check(db: Db) -> list[Check]:
         str(name): (bool(rls), bool(force))
         for name, rls, force in db.fetch_all(
             "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c"
-            " WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'"
+            " WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'v')"
         )
     }
     for table in RLS_TABLES:

@@ -72,7 +72,10 @@ USER: tuple[Selection, ...] = (
         "t.computed_at, t.conversion_id, t.model, t.touchpoint_id",
     ),
     Selection("prospect_touchpoints", f"t.user_id = {SUBJECT}", "t.occurred_at, t.id"),
-    Selection("metric_aggregates", f"t.user_id = {SUBJECT}", "t.metric_kind, t.window_start, t.id"),
+    # The stored rows (metric_aggregates is a view over them, migration 0012).
+    Selection(
+        "metric_aggregate_rows", f"t.user_id = {SUBJECT}", "t.metric_kind, t.window_start, t.id"
+    ),
     Selection("surface_metrics", f"t.user_id = {SUBJECT}", "t.fetched_at, t.id"),
     Selection(
         "rollup_pending",

@@ -2,7 +2,7 @@
 
 Same shape as the derivation: one snapshot read (sources of missing or due aggregates, and the due
 aggregates), pure Polars transforms for all keys at once, a diff, and one transaction as
-``service_role`` (ADBC bulk load into temporary tables, upsert, stale_after touch). The run is
+``service_role`` (ADBC bulk load into temporary tables, upsert, the run's clock row). The run is
 logged in ``derivation_runs`` under the job's advisory lock.
 """
 
@@ -15,7 +15,13 @@ from typing import Any
 import polars as pl
 
 from derive.io.connect import Db
-from derive.io.metrics import RollupBase, read_rollup_input, rollup_base, write_rollup
+from derive.io.metrics import (
+    RollupBase,
+    RollupClock,
+    read_rollup_input,
+    rollup_base,
+    write_rollup,
+)
 from derive.io.runlog import job_run
 from derive.metrics_rules import MetricsRules
 from derive.transforms.rollup import (
@@ -27,9 +33,9 @@ from derive.transforms.rollup import (
     aggregate_across_surfaces,
     latest_per_surface,
     plan_rollup,
+    rollup_clock,
     skipped,
     surface_values,
-    touch_due,
 )
 
 JOB = "rollup"
@@ -67,15 +73,6 @@ PENDING = pl.Schema(
         "fetched_at": pl.Datetime("us", "UTC"),
     }
 )
-DUE = pl.Schema(
-    {
-        "user_id": pl.Binary(),
-        "org_id": pl.Binary(),
-        "metric_kind": pl.String(),
-        "window_start": pl.Datetime("us", "UTC"),
-        "window_end": pl.Datetime("us", "UTC"),
-    }
-)
 
 
 def _mode(base: RollupBase | None, *, as_of: datetime, rules: MetricsRules) -> tuple[str, str]:
@@ -96,8 +93,9 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = Fal
 
     Incremental by default: only source rows that became visible after the previous rollup's read
     snapshot (and the rows it left pending) are read, with the sources of the keys they touch;
-    due aggregates no new row touches only get a new ``stale_after``. A run with nothing new and
-    nothing due reads nothing but those two small sets. ``full`` (or no usable base: first run,
+    due aggregates no new row touches are only counted: they get a new ``stale_after`` from the
+    clock the run records, without a write. A run with nothing new reads nothing but those two
+    small sets. ``full`` (or no usable base: first run,
     changed rules, an ``as_of`` before the previous run's) reads every source row and every stored
     aggregate. Both give the same table.
 
@@ -111,10 +109,12 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = Fal
             base = rollup_base(db)
             mode, why = ("full", "--full") if full else _mode(base, as_of=as_of, rules=rules)
             assert base is not None or mode == "full"
+            band_from, band_next = rollup_clock(as_of=as_of, rules=rules)
             data = read_rollup_input(
                 db,
                 as_of_iso=as_of.isoformat(),
                 base_snapshot=base.snapshot if mode == "incremental" and base else None,
+                band_from=band_from,
             )
         with run.phase("compute"):
             # Materialised per stage: each stage's output feeds several joins of the next one.
@@ -125,8 +125,7 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = Fal
                     surface_values(latest.lazy()),
                 ]
             )
-            due = pl.LazyFrame(schema=DUE) if data.due.width == 0 else _shaped(data.due, DUE)
-            recomputed, touched, not_aggregated = pl.collect_all(
+            plan, not_aggregated = pl.collect_all(
                 [
                     plan_rollup(
                         aggregates.lazy(),
@@ -136,28 +135,28 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = Fal
                         as_of=as_of,
                         rules=rules,
                     ),
-                    touch_due(due, as_of=as_of, rules=rules),
                     skipped(aggregates.lazy()),
                 ]
             )
-            plan = pl.concat([recomputed, touched])
             pending = _shaped(data.pending, PENDING).unique().collect()
         with run.phase("write"), db.transaction(role="service_role"):
-            written = write_rollup(db, plan, pending)
+            clock = RollupClock(run.run_id, as_of, band_from, band_next)
+            written = write_rollup(db, plan, pending, clock=clock)
         outcomes = dict(plan.group_by("outcome").len().iter_rows())
+        # Due aggregates no new source touches were counted, not read.
+        outcomes["refreshed"] = outcomes.get("refreshed", 0) + data.unchanged_due
         reasons = dict(not_aggregated.group_by("status").len().iter_rows())
         run.counts = {
             "mode": mode,
             "mode_reason": why,
             "sources_read": data.sources.height,
             "sources_superseded": data.sources.height - latest.height,
-            "aggregates_read": data.stored.height + data.due.height,
+            "aggregates_read": data.stored.height,
             **{o: int(outcomes.get(o, 0)) for o in OUTCOMES},
             "refreshed_refetched_identical": int(plan["refetched"].sum()),
-            "final": int(plan["final"].sum()),
+            "final": int(plan["final"].sum()) + data.unchanged_due_final,
             **{f"not_aggregated_{s}": int(reasons.get(s, 0)) for s in SKIP_STATUSES},
             "rows_written": written["written"],
-            "rows_touched": written["touched"],
             "rows_removed": written["removed"],
             "pending": pending.height,
             "read_snapshot": data.snapshot,

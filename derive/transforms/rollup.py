@@ -8,13 +8,14 @@ comparisons are exact (PostgreSQL converts on read and write). The stages, compo
 2. :func:`aggregate_across_surfaces` - one aggregate per (user, metric_kind, window), aggregated
    as the rules file says for the kind, with the per-surface breakdown and the currency rule;
    :func:`surface_values` - the same breakdown in long form, for the diff;
-3. :func:`plan_rollup` - the diff against the stored aggregates that were due: what to write and
-   what only gets a new ``stale_after`` (from the cadence, :func:`stale_after`).
+3. :func:`plan_rollup` - the diff against the stored aggregates that were due: what to write
+   (with the cadence's ``stale_after``, :func:`stale_after`) and what only gets a new one, which
+   needs no write: it follows from the run's clock (:func:`rollup_clock`).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -94,7 +95,8 @@ AGGREGATES = pl.Schema(
 PARTS = STORED_PARTS
 
 #: What the write does per key: ``write`` (insert or recompute, with the surfaces and the
-#: breakdown as JSON text), ``touch`` (new stale_after only; surfaces and breakdown null) or
+#: breakdown as JSON text), ``touch`` (nothing is written: the row's stale_after moves with the
+#: rollup clock, :func:`rollup_clock`; surfaces and breakdown null) or
 #: ``delete`` (the stored aggregate's sources can no longer be aggregated). ``refetched``: a
 #: ``refreshed`` key whose sources were fetched again after the aggregate was computed, with
 #: identical values.
@@ -285,6 +287,48 @@ def stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules)
     return expr
 
 
+#: Where the ticks of every cadence band are counted from (see :func:`next_tick`).
+GRID_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def next_tick(at: datetime, every: timedelta) -> datetime:
+    """The first multiple of ``every`` after :data:`GRID_ORIGIN` that lies strictly after ``at``."""
+    return GRID_ORIGIN + ((at - GRID_ORIGIN) // every + 1) * every
+
+
+def rollup_clock(*, as_of: datetime, rules: MetricsRules) -> tuple[list[datetime], list[datetime]]:
+    """``(band_from, band_next)``: the new ``stale_after`` of aggregates found unchanged at ``as_of``.
+
+    An aggregate that is due and whose sources did not change is not rewritten: the run records
+    this clock (table ``rollup_clock``) and the ``metric_aggregates`` view derives its
+    ``stale_after`` from it. ``band_from`` holds ascending ``window_end`` thresholds and
+    ``band_next[i]`` the stale_after of windows ending in ``[band_from[i], band_from[i+1])``:
+    the next tick (:func:`next_tick`) of the band the window's age at ``as_of`` falls in, so at
+    most ``refresh_every`` after ``as_of``. Windows ending before ``band_from[0]`` are final:
+    their age exceeded the last band's ``max_age`` at the last band's latest tick up to ``as_of``
+    (so a window is only ever made final by a rollup that was due to look at it). Windows older
+    than the last band but not final yet get the last band's next tick.
+    """
+    bands = list(reversed(rules.cadence))  # slowest first: thresholds ascend
+    last = bands[0]
+    final_from = next_tick(as_of, last.refresh_every) - last.refresh_every - last.max_age
+    band_from = [final_from, *(as_of - b.max_age for b in bands[1:])]
+    band_next = [next_tick(as_of, b.refresh_every) for b in bands]
+    return band_from, band_next
+
+
+def checked_stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules) -> pl.Expr:
+    """The ``stale_after`` an unchanged aggregate shows after a rollup at ``as_of`` (null: final).
+
+    The same lookup the ``metric_aggregates`` view does with :func:`rollup_clock`.
+    """
+    band_from, band_next = rollup_clock(as_of=as_of, rules=rules)
+    expr: pl.Expr = pl.lit(None, TS)
+    for start, tick in zip(band_from, band_next, strict=True):
+        expr = pl.when(window_end >= pl.lit(start, TS)).then(pl.lit(tick, TS)).otherwise(expr)
+    return expr
+
+
 def plan_rollup(
     aggregates: pl.LazyFrame,
     parts: pl.LazyFrame,
@@ -300,8 +344,9 @@ def plan_rollup(
     ``aggregates`` covers only keys without a fresh aggregate (missing or due), ``parts`` is their
     :func:`surface_values`, ``stored`` / ``stored_parts`` only the due aggregates. A key with no stored row is ``inserted``; a due key whose content (value,
     currency, org, surfaces, breakdown) differs is ``recomputed``; a due key whose content is
-    unchanged, cannot be aggregated (mixed currencies ...) or lost its sources is ``refreshed``:
-    only its ``stale_after`` moves. Aggregates that are not due are not in the inputs and are
+    unchanged or lost its sources is ``refreshed``: only its ``stale_after`` moves (by the
+    clock, :func:`rollup_clock`, without a write); one whose sources cannot be aggregated any
+    more (mixed currencies ...) is ``removed``. Aggregates that are not due are not in the inputs and are
     never touched.
 
     Returns:
@@ -346,14 +391,21 @@ def plan_rollup(
         .then(pl.lit("delete"))
         .otherwise(pl.lit("write"))
     )
-    due = stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
     writes = pl.col("action") == "write"
+    # Written rows get the cadence's stale_after; unchanged ones are not rewritten and show the
+    # clock's (the value here only decides whether they count as final).
+    due = (
+        pl.when(writes)
+        .then(stale_after(pl.col("window_end"), as_of=as_of, rules=rules))
+        .otherwise(checked_stale_after(pl.col("window_end"), as_of=as_of, rules=rules))
+    )
     plan = (
         joined.join(part_changed, on=KEY, how="left")
         .with_columns(pl.col("part_changed").fill_null(False))
         .with_columns(outcome=outcome)
         .filter(pl.col("outcome").is_not_null())
-        .with_columns(action=action, stale_after=due)
+        .with_columns(action=action)
+        .with_columns(stale_after=due)
         .select(
             *KEY[:1],
             "org_id",
@@ -372,36 +424,6 @@ def plan_rollup(
         .cast(PLAN)
     )
     return plan
-
-
-def touch_due(due: pl.LazyFrame, /, *, as_of: datetime, rules: MetricsRules) -> pl.LazyFrame:
-    """Plan rows for due aggregates whose sources did not change: a new ``stale_after`` only.
-
-    ``due`` holds the keys (and ``org_id``) of stored aggregates with ``stale_after <= as_of``
-    that no new source row touches; the job knows that from its watermark, so their sources need
-    not be read.
-
-    Returns:
-        :data:`PLAN` rows, outcome ``refreshed``, action ``touch``.
-    """
-    refreshed = due.with_columns(
-        stale_after=stale_after(pl.col("window_end"), as_of=as_of, rules=rules)
-    )
-    return refreshed.select(
-        *KEY[:1],
-        "org_id",
-        *KEY[1:],
-        value_e4=pl.lit(None, pl.Int64),
-        currency=pl.lit(None, pl.String),
-        action=pl.lit("touch"),
-        outcome=pl.lit("refreshed"),
-        final=pl.col("stale_after").is_null(),
-        stale_after="stale_after",
-        computed_at=pl.lit(as_of, TS),
-        surfaces_included=pl.lit(None, pl.List(pl.String())),
-        surface_breakdown=pl.lit(None, pl.String),
-        refetched=pl.lit(False),
-    ).cast(PLAN)
 
 
 def skipped(aggregates: pl.LazyFrame, /) -> pl.LazyFrame:

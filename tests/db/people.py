@@ -91,8 +91,8 @@ def _tenant_rows(pg: psycopg.Connection, user: uuid.UUID) -> None:
         (user, AS_OF - 2 * DAY, AS_OF - DAY, Jsonb({"raw": "profile views"})),
     )
     pg.execute(
-        "INSERT INTO metric_aggregates (user_id, metric_kind, window_start, window_end,"
-        " value_numeric, surfaces_included, surface_breakdown, stale_after)"
+        "INSERT INTO metric_aggregate_rows (user_id, metric_kind, window_start, window_end,"
+        " value_numeric, surfaces_included, surface_breakdown, computed_stale_after)"
         " VALUES (%s, 'profile_view', %s, %s, 12, ARRAY['tryst'], %s, %s)",
         (user, AS_OF - 2 * DAY, AS_OF - DAY, Jsonb({"tryst": 12}), AS_OF),
     )

@@ -113,7 +113,7 @@ def test_parquet_export_has_the_same_rows_with_types(
     assert events.schema["user_id"] == pl.String
     assert events.schema["created_at"] == pl.Datetime("us", "UTC")
     assert set(events["user_id"]) == {str(people.a)}
-    aggregates = pl.read_parquet(tmp_path / "p" / "metric_aggregates.parquet")
+    aggregates = pl.read_parquet(tmp_path / "p" / "metric_aggregate_rows.parquet")
     assert aggregates["surfaces_included"].to_list() == [["tryst"]]
     assert aggregates["value_numeric"].to_list() == ["12.0000"]
 

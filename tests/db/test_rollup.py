@@ -10,6 +10,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from derive.cli import app
@@ -77,9 +79,9 @@ def aggregates(pg: psycopg.Connection) -> dict[str, tuple[Any, ...]]:
 
 
 def versions(pg: psycopg.Connection) -> dict[str, str]:
-    """metric_kind -> xmin: changes whenever the row is rewritten."""
+    """metric_kind -> xmin of the stored row: changes whenever the row is rewritten."""
     return dict(
-        pg.execute("SELECT metric_kind::text, xmin::text FROM metric_aggregates").fetchall()
+        pg.execute("SELECT metric_kind::text, xmin::text FROM metric_aggregate_rows").fetchall()
     )
 
 
@@ -203,7 +205,7 @@ def test_a_second_rollup_at_the_same_as_of_rewrites_nothing(
     second = rollup(dsn)
 
     assert versions(pg) == before
-    assert second.counts["rows_written"] == second.counts["rows_touched"] == 0
+    assert second.counts["rows_written"] == second.counts["rows_removed"] == 0
     assert second.counts["sources_read"] == 0
     runs = pg.execute(
         "SELECT status, counts->>'inserted' FROM derivation_runs WHERE job = 'rollup'"
@@ -463,3 +465,124 @@ def test_deleting_a_user_removes_its_aggregates(
 
     owners = pg.execute("SELECT user_id::text FROM metric_aggregates").fetchall()
     assert owners == [(USER_B,)]
+
+
+def stale_afters(pg: psycopg.Connection) -> dict[str, datetime]:
+    return dict(
+        pg.execute("SELECT metric_kind::text, stale_after FROM metric_aggregates").fetchall()
+    )
+
+
+def test_an_unchanged_due_aggregate_is_not_rewritten_and_shows_its_bands_next_tick(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    month_ago = AS_OF - timedelta(days=30)  # daily band: due a day after AS_OF (12:00)
+    load(dsn, tmp_path, "tryst", row("dm_outbound", 1, end=month_ago), row("profile_view", 3))
+    rollup(dsn)
+    before = versions(pg)
+    later = AS_OF + timedelta(days=1, hours=3)  # 15:00 the next day: both due, nothing new
+
+    result = rollup(dsn, later)
+
+    assert versions(pg) == before
+    assert stale_afters(pg) == {
+        "dm_outbound": datetime(2026, 11, 24, tzinfo=UTC),  # next midnight UTC
+        "profile_view": later + timedelta(hours=1),  # the window is now 2 days old: hourly
+    }
+    assert (result.counts["refreshed"], result.counts["rows_written"]) == (2, 0)
+    assert result.counts["aggregates_read"] == 0
+
+
+def test_an_aggregate_not_due_keeps_its_stale_after_while_the_clock_advances(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    load(dsn, tmp_path, "tryst", row("dm_outbound", 1, end=AS_OF - timedelta(days=30)))
+    rollup(dsn)
+    first = stale_afters(pg)
+
+    for minutes in (15, 30, 45, 23 * 60 + 59):
+        rollup(dsn, AS_OF + timedelta(minutes=minutes))
+        assert stale_afters(pg) == first == {"dm_outbound": AS_OF + timedelta(days=1)}
+
+
+def test_a_window_becomes_final_only_when_a_rollup_was_due_to_look_at_it(
+    dsn: str, pg: psycopg.Connection, tmp_path: Path
+) -> None:
+    end = AS_OF - timedelta(days=89, hours=13)  # 89.5 days old: due again in a day
+    load(dsn, tmp_path, "tryst", row("dm_outbound", 1, end=end))
+    rollup(dsn)
+    load(dsn, tmp_path, "x", row("dm_outbound", 6, end=end), fetched_at=AS_OF + timedelta(hours=1))
+
+    early = rollup(dsn, AS_OF + timedelta(hours=13))  # 90.05 days old, not due yet
+    assert stale_afters(pg) == {"dm_outbound": AS_OF + timedelta(days=1)}
+    due = rollup(dsn, AS_OF + timedelta(days=1, hours=1))
+
+    assert (early.counts["pending"], due.counts["recomputed"], due.counts["final"]) == (1, 1, 1)
+    final = pg.execute(
+        "SELECT value_numeric, stale_after = 'infinity' FROM metric_aggregates"
+    ).fetchone()
+    assert final == (Decimal(7), True)
+
+
+def _reset_rollup(pg: psycopg.Connection) -> None:
+    pg.execute("TRUNCATE surface_metrics, metric_aggregate_rows, rollup_pending, rollup_clock")
+    pg.execute("DELETE FROM derivation_runs WHERE job = 'rollup'")
+
+
+def _contents(pg: psycopg.Connection) -> list[tuple[Any, ...]]:
+    return pg.execute(
+        "SELECT user_id::text, metric_kind::text, window_start, window_end, value_numeric,"
+        " currency, surfaces_included, surface_breakdown FROM metric_aggregates ORDER BY 1, 2, 3, 4"
+    ).fetchall()
+
+
+_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["tryst", "x", "onlyfans"]),
+        st.sampled_from(["profile_view", "gross_revenue", "reply_rate"]),
+        st.integers(0, 5),  # value
+        st.sampled_from(["USD", "USD", "EUR"]),
+        st.sampled_from([0, 1, 3, 9]),  # window end, days before AS_OF
+        st.sampled_from([5, 20, 70, 60 * 26]),  # minutes after the previous step
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=_steps)
+def test_incremental_rollups_end_where_a_rollup_from_scratch_does(
+    dsn: str, second_dsn: str, tmp_path_factory: pytest.TempPathFactory, steps: list[Any]
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("steps")
+    with (
+        psycopg.connect(dsn, autocommit=True) as a,
+        psycopg.connect(second_dsn, autocommit=True) as b,
+    ):
+        _reset_rollup(a)
+        _reset_rollup(b)
+        t = AS_OF
+        for surface, kind, value, currency, days, minutes in steps:
+            t += timedelta(minutes=minutes)
+            extra = {"currency": currency} if kind == "gross_revenue" else {}
+            value_numeric = value / 10 if kind == "reply_rate" else value
+            source = row(kind, value_numeric, end=DAY_END - timedelta(days=days), **extra)
+            for target in (dsn, second_dsn):
+                load(target, tmp_path, surface, source, fetched_at=t - timedelta(minutes=1))
+            rollup(dsn, t)  # incremental after the first
+        end = t + timedelta(days=2)  # every aggregate is due again (no band is slower than 1 d)
+
+        rollup(dsn, end)
+        with connect(second_dsn) as db:
+            run_rollup(db, as_of=end, rules=RULES, full=True)
+
+        assert _contents(a) == _contents(b)
+        shown_stale = a.execute(
+            "SELECT count(*) FROM metric_aggregates WHERE stale_after <= %s", (end,)
+        ).fetchone()
+        assert shown_stale == (0,)

@@ -394,7 +394,7 @@ def test_a_stored_breakdown_value_beyond_numeric_18_4_is_repaired_by_the_next_ro
     load(dsn, tmp_path, "onlyfans", row("profile_view", 30))
     rollup(dsn)
     pg.execute(
-        "UPDATE metric_aggregates SET stale_after = %s,"
+        "UPDATE metric_aggregate_rows SET computed_stale_after = %s,"
         f' surface_breakdown = \'{{"tryst": {value}, "onlyfans": 30}}\'::jsonb',
         (ROLLUP_AS_OF,),
     )

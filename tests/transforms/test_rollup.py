@@ -24,9 +24,12 @@ from derive.transforms.rollup import (
     STORED_PARTS,
     TS,
     aggregate_across_surfaces,
+    checked_stale_after,
     decimal_text,
     latest_per_surface,
+    next_tick,
     plan_rollup,
+    rollup_clock,
     skipped,
     stale_after,
     surface_values,
@@ -433,3 +436,52 @@ def test_a_plan_against_its_own_result_writes_nothing(
     assert set(written["outcome"]) <= {"inserted"}
     assert set(again["outcome"]) <= {"refreshed"}
     assert again.height == written.height
+
+
+@pytest.mark.parametrize(
+    ("at", "every", "expected"),
+    [
+        (datetime(2026, 11, 22, 12, 0, tzinfo=UTC), timedelta(minutes=15), "2026-11-22T12:15"),
+        (datetime(2026, 11, 22, 12, 14, 59, tzinfo=UTC), timedelta(minutes=15), "2026-11-22T12:15"),
+        (datetime(2026, 11, 22, 12, 7, tzinfo=UTC), timedelta(hours=1), "2026-11-22T13:00"),
+        (datetime(2026, 11, 22, 0, 0, tzinfo=UTC), timedelta(days=1), "2026-11-23T00:00"),
+        (datetime(2026, 11, 22, 23, 59, tzinfo=UTC), timedelta(days=1), "2026-11-23T00:00"),
+    ],
+)
+def test_next_tick_is_strictly_after_on_the_bands_utc_grid(
+    at: datetime, every: timedelta, expected: str
+) -> None:
+    assert next_tick(at, every) == datetime.fromisoformat(expected + "+00:00")
+
+
+@pytest.mark.parametrize(
+    ("end_before_as_of", "expected"),
+    [
+        (timedelta(hours=24), "2026-11-22T12:15"),
+        (timedelta(hours=24, seconds=1), "2026-11-22T13:00"),
+        (timedelta(days=7), "2026-11-22T13:00"),
+        (timedelta(days=7, seconds=1), "2026-11-23T00:00"),
+        (timedelta(days=90), "2026-11-23T00:00"),
+        # Older than 90 d at as_of, but not yet at the daily band's latest tick (midnight):
+        # one more check at the next tick decides finality.
+        (timedelta(days=90, hours=12), "2026-11-23T00:00"),
+        (timedelta(days=90, hours=12, seconds=1), None),
+    ],
+)
+def test_an_unchanged_aggregate_gets_the_next_tick_of_its_band(
+    end_before_as_of: timedelta, expected: str | None
+) -> None:
+    frame = pl.DataFrame({"window_end": [AS_OF - end_before_as_of]})
+
+    result = frame.select(checked_stale_after(pl.col("window_end"), as_of=AS_OF, rules=RULES))
+
+    assert result.item() == (
+        None if expected is None else datetime.fromisoformat(expected + "+00:00")
+    )
+
+
+def test_rollup_clock_thresholds_ascend_with_one_tick_per_band() -> None:
+    band_from, band_next = rollup_clock(as_of=AS_OF, rules=RULES)
+
+    assert band_from == sorted(band_from)
+    assert len(band_from) == len(band_next) == len(RULES.cadence)
