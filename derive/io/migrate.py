@@ -123,14 +123,15 @@ def migrate(db: Db) -> list[str]:
 
 
 def _settle_grants(db: Db) -> None:
-    """Take back what default privileges granted on derive's objects (migration 0051).
+    """Take back what default privileges granted on derive's objects (migrations 0051, 0013).
 
     Runs after every migration run, so objects of later migrations are settled too, and a
     database whose admin roles grant ALL on new objects (Supabase) ends with derive's own grants.
     """
     with db.transaction():
-        if db.fetch_value("SELECT to_regprocedure('derive_settle_grants()') IS NOT NULL"):
-            db.execute("SELECT derive_settle_grants()")
+        for function in ("derive_settle_grants", "derive_settle_rollup_grants"):
+            if db.fetch_value("SELECT to_regprocedure($1) IS NOT NULL", (f"{function}()",)):
+                db.execute(f"SELECT {function}()")
 
 
 def _protect_migration_table(db: Db) -> None:

@@ -117,7 +117,7 @@ def test_db_check_fails_until_derive_takes_back_what_the_defaults_gave(supabase_
         "anon cannot execute derive's definer functions",
     } <= failed
     assert migrated.returncode == 0, migrated.stderr
-    assert repaired == 0
+    assert repaired == 0, [n for n, c in check(supabase_dsn)[1].items() if not c["ok"]]
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_db_check_fails_until_derive_takes_back_what_the_defaults_gave(supabase_
             "ALTER TABLE audience_state DISABLE TRIGGER audience_state_guard",
             "service_role bypasses RLS and can write derived tables",
         ),
-        ("ALTER TABLE metric_aggregates NO FORCE ROW LEVEL SECURITY", None),
+        ("ALTER TABLE metric_aggregate_rows NO FORCE ROW LEVEL SECURITY", None),
         ("GRANT EXECUTE ON FUNCTION derive_start_run TO authenticated", None),
     ],
 )

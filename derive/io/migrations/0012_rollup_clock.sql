@@ -37,9 +37,10 @@ GRANT SELECT ON rollup_clock TO authenticated;
 DROP POLICY IF EXISTS service_role_all ON rollup_clock;
 CREATE POLICY service_role_all ON rollup_clock FOR ALL TO service_role
   USING (true) WITH CHECK (true);
--- The clock holds no tenant data: every tenant reads it to see its aggregates' stale_after.
-DROP POLICY IF EXISTS clock_readable ON rollup_clock;
-CREATE POLICY clock_readable ON rollup_clock FOR SELECT TO authenticated USING (true);
+-- The clock holds no tenant data: every tenant reads it to see its aggregates' stale_after (the
+-- policy's name is the one derive_settle_grants keeps authenticated's SELECT for).
+DROP POLICY IF EXISTS tenant_isolation ON rollup_clock;
+CREATE POLICY tenant_isolation ON rollup_clock FOR SELECT TO authenticated USING (true);
 
 -- security_invoker: the caller's privileges and the row-level policies of metric_aggregate_rows
 -- apply, as they did on the table. One FROM entry and no joins: the view stays auto-updatable
