@@ -33,31 +33,39 @@ def _same_group_as_previous() -> pl.Expr:
     return pl.all_horizontal([pl.col(k).eq_missing(pl.col(k).shift(1)) for k in GROUP])
 
 
+def group_hash() -> pl.Expr:
+    """One 64-bit key per ``GROUP`` (null session_id hashes as a value of its own)."""
+    return pl.struct(*GROUP).hash()
+
+
 def kept_mask(events: pl.LazyFrame, /, *, window: timedelta) -> pl.Series:
     """For each input row, whether the anchored rule keeps it (a boolean Series in input order).
 
     Only the narrow key columns (``GROUP``, ``created_at``, ``id``) are read and sorted; the wide
-    frame is never reordered (measured: 1.2 s -> 0.5 s at 2.2M rows). The keys are collected here
-    (a documented materialisation point): the anchored walk needs the burst depth.
+    frame is never reordered (measured: 1.2 s -> 0.5 s at 2.2M rows). Groups only need to be
+    contiguous, in no particular order, so the sort is on one hashed group key, then time and id
+    (measured at M, 2.06M rows: 1.55 s -> 0.41 s for the five-column sort with two string keys).
+    A hash collision would merge two groups: it is detected (a row with its predecessor's hash but
+    another group) and the rows are then sorted on the group columns themselves. The keys are
+    collected here (a documented materialisation point): the anchored walk needs the burst depth.
     """
-    ordered = (
-        events.select(
-            pl.int_range(pl.len(), dtype=pl.get_index_type()).alias("_input"),
-            *[pl.col(c) for c in GROUP],
-            pl.col("created_at"),
-            uuid_key("id").alias("_id"),
-        )
-        .sort([uuid_key("user_id"), "event_type", "session_id", "created_at", "_id"])
-        .select(
-            "_input",
-            "created_at",
-            _burst_start=~_same_group_as_previous()
-            | ((pl.col("created_at") - pl.col("created_at").shift(1)) >= window),
-        )
-        .with_row_index("_row")
-        .with_columns(_burst=pl.col("_burst_start").cum_sum())
-        .collect()
+    keys = events.select(
+        pl.int_range(pl.len(), dtype=pl.get_index_type()).alias("_input"),
+        *[pl.col(c) for c in GROUP],
+        pl.col("created_at"),
+        uuid_key("id").alias("_id"),
     )
+    ordered = _ordered(
+        keys.with_columns(_group=group_hash()).sort(["_group", "created_at", "_id"]),
+        window=window,
+        collisions=True,
+    )
+    if ordered.get_column("_collision").any():
+        ordered = _ordered(
+            keys.sort([uuid_key("user_id"), "event_type", "session_id", "created_at", "_id"]),
+            window=window,
+            collisions=False,
+        )
     # A row belongs to a burst of two or more when it is not a start, or the next row is not one.
     members = ordered.filter(
         ~pl.col("_burst_start") | ~pl.col("_burst_start").shift(-1).fill_null(True)
@@ -67,6 +75,28 @@ def kept_mask(events: pl.LazyFrame, /, *, window: timedelta) -> pl.Series:
     kept = np.empty(len(kept_sorted), dtype=bool)
     kept[ordered.get_column("_input").to_numpy()] = kept_sorted
     return pl.Series("kept", kept)
+
+
+def _ordered(sorted_keys: pl.LazyFrame, *, window: timedelta, collisions: bool) -> pl.DataFrame:
+    """Burst starts and burst numbers of rows sorted so that each group is contiguous."""
+    same_group = _same_group_as_previous()
+    collision = (
+        pl.col("_group").eq_missing(pl.col("_group").shift(1)) & ~same_group
+        if collisions
+        else pl.lit(False)
+    )
+    return (
+        sorted_keys.select(
+            "_input",
+            "created_at",
+            _burst_start=~same_group
+            | ((pl.col("created_at") - pl.col("created_at").shift(1)) >= window),
+            _collision=collision,
+        )
+        .with_row_index("_row")
+        .with_columns(_burst=pl.col("_burst_start").cum_sum())
+        .collect()
+    )
 
 
 def mark_duplicates(events: pl.LazyFrame, /, *, window: timedelta) -> pl.LazyFrame:

@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
+from derive.transforms import dedupe
 from derive.transforms.dedupe import dedupe_events, mark_duplicates
 from tests.transforms.conftest import RULES, US, ago, eid, make_events, uid
 from tests.transforms.reference import dedupe_kept
@@ -142,11 +143,28 @@ _event = st.tuples(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@pytest.mark.parametrize(
+    "hashing",
+    ["polars", "every-group-collides", "two-buckets"],
+)
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(rows=st.lists(_event, min_size=0, max_size=60), data=st.data())
 def test_dedupe_equals_the_reference_loop(
-    rows: list[tuple[int, str, str | None, int]], data: st.DataObject
+    rows: list[tuple[int, str, str | None, int]],
+    data: st.DataObject,
+    hashing: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The group key is a hash; collisions (forced here: one bucket for all, or two) must fall
+    # back to sorting on the group columns and give the same answer.
+    if hashing == "every-group-collides":
+        monkeypatch.setattr(dedupe, "group_hash", lambda: pl.lit(0, dtype=pl.UInt64))
+    elif hashing == "two-buckets":
+        monkeypatch.setattr(
+            dedupe, "group_hash", lambda: (pl.col("event_type") == "content_view").cast(pl.UInt64)
+        )
     ids = data.draw(st.permutations(range(len(rows))))
     events = make_events(
         id=[eid(i) for i in ids],
