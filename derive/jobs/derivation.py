@@ -407,6 +407,10 @@ def _distributions(d: Derivation, inputs: Inputs) -> tuple[dict[str, int], dict[
 BYTES_PER_ROW = 700
 SAFETY = 2.0
 MAX_SHARDS = 4096
+#: Window rows per shard at most, whatever the limit: a shard the size of M's whole window
+#: (2.07M rows) peaks at ~1.6 GiB, so a run at any scale stays under 2 GiB with the default limit
+#: (a quarter of the machine), and the per-shard sorts stay the size where compute is linear.
+MAX_SHARD_ROWS = 2_400_000
 
 
 def default_memory_limit() -> int:
@@ -461,7 +465,7 @@ def plan_shards(
     """Choose the shard count: ``shards`` (or ``DERIVE_SHARDS``) when given, else from the window.
 
     The window's rows are the planner's estimate; rows x ``BYTES_PER_ROW`` x ``SAFETY`` divided
-    by the limit, rounded up.
+    by the limit, rounded up, and at least rows / ``MAX_SHARD_ROWS``.
 
     Raises:
         UsageError: a bad ``DERIVE_MEMORY_LIMIT``/``DERIVE_SHARDS``, or a limit smaller than the
@@ -477,7 +481,8 @@ def plan_shards(
     db.rollback()
     check_user_fits(largest, limit)
     if shards is None:
-        shards = min(MAX_SHARDS, max(1, math.ceil(rows * BYTES_PER_ROW * SAFETY / limit)))
+        by_memory = math.ceil(rows * BYTES_PER_ROW * SAFETY / limit)
+        shards = min(MAX_SHARDS, max(1, by_memory, math.ceil(rows / MAX_SHARD_ROWS)))
     return ShardPlan(shards, limit, rows, largest)
 
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from derive.config import load_rules
 from derive.errors import UsageError
 from derive.io.connect import connect
+from derive.jobs import derivation
 from derive.jobs.derivation import plan_shards, verify_derivation
 from derive.transforms.shard import shard_bounds
 from tests.db.helpers import AS_OF, insert_events, run
@@ -211,7 +212,9 @@ def test_a_limit_smaller_than_one_users_window_is_a_usage_error(dsn: str) -> Non
         assert plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**20).count >= 1
 
 
-def test_the_shard_count_follows_the_window_estimate(dsn: str) -> None:
+def test_the_shard_count_follows_the_window_estimate(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = [
         {
             "created_at": AS_OF - timedelta(minutes=i),
@@ -230,8 +233,12 @@ def test_the_shard_count_follows_the_window_estimate(dsn: str) -> None:
         small = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=256 * 1024)
         large = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**30)
         forced = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**30, shards=3)
+        # a shard never holds more than MAX_SHARD_ROWS rows, however large the limit
+        monkeypatch.setattr(derivation, "MAX_SHARD_ROWS", 500)
+        capped = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**40)
     # ~2000 rows x 700 bytes x 2 / 256 KiB ~ 11 shards
     assert 1800 <= small.estimated_rows <= 2200
     assert small.count == math.ceil(small.estimated_rows * 700 * 2 / (256 * 1024)) > 1
     assert large.count == 1
     assert forced.count == 3
+    assert capped.count == math.ceil(capped.estimated_rows / 500) >= 4
