@@ -162,8 +162,29 @@ def _parse(source: str, data: dict[str, Any], sha: str) -> MetricsRules:
                 spec.get("max_age"),
                 "a longer age than the band before (youngest band first)",
             )
+        # Ticks of the bands must nest (every tick of a slower band is one of the faster band's):
+        # an unchanged aggregate's stale_after is its band's next tick (see
+        # derive.transforms.rollup.rollup_clock), which then never moves earlier when the window
+        # ages into a slower band.
+        if bands and (every <= timedelta(0) or every % bands[-1].refresh_every):
+            raise _fail(
+                source,
+                f"cadence[{i}].refresh_every",
+                spec.get("refresh_every"),
+                f"a whole multiple of the band before's refresh_every"
+                f" ({spec_text(bands[-1].refresh_every)})",
+            )
         bands.append(CadenceBand(max_age, every))
     return MetricsRules(version, sha, tuple(kinds), tuple(bands), source)
+
+
+def spec_text(value: timedelta) -> str:
+    """A duration as the rules file writes it (``15m``, ``1h``, ``1d``)."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _duration(source: str, key: str, value: object) -> timedelta:

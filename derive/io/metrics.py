@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -385,13 +386,18 @@ _INCREMENTAL_SQL = {
 
 # Due aggregates no candidate touches: their sources did not change, so they are not read, only
 # counted (their stale_after moves with the clock the run records, without a write), with how
-# many of them the new clock makes final.
+# many of them the new clock makes final. Due means the view's stale_after <= as_of, written
+# out on the stored columns so that it is two range tests per row: a computed stale_after passed
+# since the recorded clock, or passed before it and the window's band ticked by as_of (windows
+# that ended at or after derive.due_end, see derive.transforms.rollup.due_window_end).
 _UNCHANGED_DUE_SQL = f"""
 SELECT count(*) AS due,
-       count(*) FILTER (WHERE width_bucket(a.window_end,
-                        current_setting('derive.band_from')::timestamptz[]) = 0) AS final
-  FROM metric_aggregates a
- WHERE a.stale_after <= {_AS_OF}
+       count(*) FILTER (WHERE a.window_end
+                        < (current_setting('derive.band_from')::timestamptz[])[1]) AS final
+  FROM metric_aggregate_rows a
+ WHERE a.computed_stale_after <= {_AS_OF}
+   AND (a.computed_stale_after > current_setting('derive.clock')::timestamptz
+        OR a.window_end >= current_setting('derive.due_end')::timestamptz)
    AND NOT EXISTS (SELECT 1 FROM pg_temp.derive_rollup_ready k WHERE k.user_id = a.user_id
                     AND k.metric_kind = a.metric_kind AND k.window_start = a.window_start
                     AND k.window_end = a.window_end)
@@ -450,13 +456,19 @@ def rollup_base(db: Db) -> RollupBase | None:
 
 
 def read_rollup_input(
-    db: Db, *, as_of_iso: str, base_snapshot: str | None, band_from: list[datetime]
+    db: Db,
+    *,
+    as_of_iso: str,
+    base_snapshot: str | None,
+    band_from: list[datetime],
+    due_end: Callable[[list[datetime], list[datetime]], datetime | None],
 ) -> RollupInput:
     """Read the rollup's input in one snapshot (one REPEATABLE READ transaction, service_role).
 
     ``base_snapshot`` given: an incremental read from that horizon; ``None``: a full read.
     ``band_from``: the run's clock (see ``derive.transforms.rollup.rollup_clock``), to count the
-    unchanged due aggregates it makes final.
+    unchanged due aggregates it makes final; ``due_end``: the oldest window_end the recorded
+    clock's bands (band_from, band_next) make due by as_of.
     """
     due = (0, 0)
     db.rollback()
@@ -471,6 +483,16 @@ def read_rollup_input(
             db.set_local(base_snapshot=base_snapshot, band_from=timestamp_array(band_from))
             db.execute(f"CREATE TEMP TABLE derive_rollup_ready ON COMMIT DROP AS {_READY_SQL}")
             frames = {name: db.fetch_df(sql) for name, sql in _INCREMENTAL_SQL.items()}
+            clock = db.fetch_all("SELECT as_of, band_from, band_next FROM rollup_clock")
+            if clock:
+                recorded, old_from, old_next = clock[0]
+                end = due_end(list(old_from), list(old_next))
+                db.set_local(
+                    clock=recorded.isoformat(),
+                    due_end="infinity" if end is None else end.isoformat(),
+                )
+            else:  # no clock yet: every stale_after is the computed one
+                db.set_local(clock="-infinity", due_end="infinity")
             [row] = db.fetch_all(_UNCHANGED_DUE_SQL)
             due = (int(row[0]), int(row[1]))
     finally:

@@ -31,6 +31,7 @@ from derive.transforms.rollup import (
     STORED,
     STORED_PARTS,
     aggregate_across_surfaces,
+    due_window_end,
     latest_per_surface,
     plan_rollup,
     rollup_clock,
@@ -115,6 +116,7 @@ def run_rollup(db: Db, *, as_of: datetime, rules: MetricsRules, full: bool = Fal
                 as_of_iso=as_of.isoformat(),
                 base_snapshot=base.snapshot if mode == "incremental" and base else None,
                 band_from=band_from,
+                due_end=lambda old_from, old_next: due_window_end(old_from, old_next, as_of=as_of),
             )
         with run.phase("compute"):
             # Materialised per stage: each stage's output feeds several joins of the next one.

@@ -317,6 +317,20 @@ def rollup_clock(*, as_of: datetime, rules: MetricsRules) -> tuple[list[datetime
     return band_from, band_next
 
 
+def due_window_end(
+    band_from: list[datetime], band_next: list[datetime], /, *, as_of: datetime
+) -> datetime | None:
+    """The oldest ``window_end`` whose unchanged aggregates a recorded clock makes due by ``as_of``.
+
+    An aggregate stored with a ``computed_stale_after`` the clock has passed shows its band's
+    tick (see :func:`rollup_clock`); the ticks fall from the slowest band to the youngest, so the
+    bands due by ``as_of`` are the youngest ones, i.e. every window that ended at or after the
+    returned instant (``None``: none is due).
+    """
+    due = [start for start, tick in zip(band_from, band_next, strict=True) if tick <= as_of]
+    return min(due) if due else None
+
+
 def checked_stale_after(window_end: pl.Expr, /, *, as_of: datetime, rules: MetricsRules) -> pl.Expr:
     """The ``stale_after`` an unchanged aggregate shows after a rollup at ``as_of`` (null: final).
 

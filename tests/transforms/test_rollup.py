@@ -26,6 +26,7 @@ from derive.transforms.rollup import (
     aggregate_across_surfaces,
     checked_stale_after,
     decimal_text,
+    due_window_end,
     latest_per_surface,
     next_tick,
     plan_rollup,
@@ -377,6 +378,18 @@ def test_rules_file_rejects_cadence_bands_out_of_order(tmp_path: Path) -> None:
         load_metrics_rules(bad)
 
 
+def test_rules_file_rejects_refresh_intervals_whose_ticks_do_not_nest(tmp_path: Path) -> None:
+    bad = tmp_path / "metrics.toml"
+    bad.write_text(
+        'version = "x"\n[kinds]\nprofile_view = { aggregate = "sum" }\n'
+        '[[cadence]]\nmax_age = "24h"\nrefresh_every = "15m"\n'
+        '[[cadence]]\nmax_age = "7d"\nrefresh_every = "40m"\n'
+    )
+
+    with pytest.raises(ConfigError, match=r"cadence\[1\]\.refresh_every.*multiple.*15m"):
+        load_metrics_rules(bad)
+
+
 @pytest.mark.parametrize(
     ("value_e4", "text"),
     [(1_200_000, "120"), (1_234_500, "123.45"), (1, "0.0001"), (-25_000, "-2.5"), (0, "0")],
@@ -485,3 +498,12 @@ def test_rollup_clock_thresholds_ascend_with_one_tick_per_band() -> None:
 
     assert band_from == sorted(band_from)
     assert len(band_from) == len(band_next) == len(RULES.cadence)
+
+
+def test_due_window_end_is_the_youngest_bands_whose_tick_passed() -> None:
+    band_from, band_next = rollup_clock(as_of=AS_OF, rules=RULES)  # ticks 00:00, 13:00, 12:15
+
+    assert due_window_end(band_from, band_next, as_of=AS_OF) is None
+    assert due_window_end(band_from, band_next, as_of=AS_OF + timedelta(minutes=15)) == band_from[2]
+    assert due_window_end(band_from, band_next, as_of=AS_OF + timedelta(hours=1)) == band_from[1]
+    assert due_window_end(band_from, band_next, as_of=AS_OF + timedelta(hours=12)) == band_from[0]
