@@ -41,6 +41,17 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{kv.get('port', '5432')}/{kv.get('dbname', '(default database)')}"
 
 
+def _dsn_port(dsn: str) -> int:
+    """The port a DSN names (5432 when it names none)."""
+    if "://" in dsn:
+        try:
+            return urlsplit(dsn).port or 5432
+        except ValueError:
+            return 5432
+    match = re.search(r"(?:^|\s)port\s*=\s*'?(\d+)", dsn)
+    return int(match.group(1)) if match else 5432
+
+
 _APPLICATION_NAME = re.compile(r"(^|[?&\s])application_name\s*=")
 
 
@@ -76,6 +87,26 @@ def sqlstate(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+# Connection loss, by SQLSTATE (admin shutdown, crash, connection failure, protocol error: what a
+# pooler sends when it cuts a client) or by the text of libpq's and PgBouncer's messages.
+_LOST_STATES = frozenset({"57P01", "57P02", "57P03", "08000", "08003", "08006", "08P01"})
+_LOST_TEXT = re.compile(
+    r"terminating connection|server closed the connection|connection to server .*lost"
+    r"|no connection to the server|query_timeout|idle transaction timeout|server conn crashed"
+    r"|EOF detected|SSL SYSCALL|could not receive data|connection reset|broken pipe",
+    re.IGNORECASE,
+)
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Whether a driver error means the server or a pooler closed the connection."""
+    return sqlstate(exc) in _LOST_STATES or bool(_LOST_TEXT.search(str(exc)))
+
+
+class ConnectionLost(SourceError):
+    """The server or a pooler between closed the connection in the middle of a statement."""
+
+
 class Db:
     """One ADBC connection with explicit transactions.
 
@@ -87,6 +118,22 @@ class Db:
         self._conn = conn
         self.label = label
         self._dsn = dsn  # to open a sibling connection; never shown
+        self._proxied: bool | None = None
+
+    def proxied(self) -> bool:
+        """Whether the server listens on another port than the DSN's: a pooler or a proxy between.
+
+        Behind a transaction-mode pooler every open transaction holds one of the pool's few
+        server connections (Supabase's port 6543 in front of 5432; PgBouncer's default_pool_size),
+        so a job must not hold two at once: the lease's heartbeat and the next cron run need one.
+        Asked once per connection, at a transaction boundary (it ends the open transaction).
+        """
+        if self._proxied is None:
+            self.rollback()
+            server = self.fetch_value("SELECT current_setting('port')::int")
+            self.rollback()
+            self._proxied = server is not None and int(server) != _dsn_port(self._dsn)
+        return self._proxied
 
     def sibling(self) -> Db:
         """A new connection to the same database.
@@ -111,9 +158,32 @@ class Db:
         """The underlying ADBC DB-API connection."""
         return self._conn
 
-    def _wrap(self, exc: BaseException, sql: str) -> SourceError:
+    def _wrap(self, exc: BaseException, sql: str, *, rows: int | None = None) -> SourceError:
         head = " ".join(sql.split())[:80]
+        if is_connection_lost(exc):
+            so_far = f" after {rows:,} rows" if rows else ""
+            return ConnectionLost(
+                f"lost the connection to PostgreSQL at {self.label} during `{head}`{so_far}:"
+                f" {_first_line(exc)}. The server or a pooler between closed it (a pooler's"
+                " query_timeout or other limit, a restart, an administrator); the open"
+                " transaction was rolled back, nothing of it was kept. Run again; if it happens"
+                " again on large reads, connect in session mode (Supabase: the direct"
+                " connection or the pooler's port 5432, not 6543) or raise the pooler's limits"
+                " (PgBouncer: query_timeout, idle_transaction_timeout)."
+            )
         return SourceError(f"PostgreSQL at {self.label} rejected `{head}`: {_first_line(exc)}")
+
+    def lift_timeouts(self) -> None:
+        """No statement or idle-in-transaction timeout for the open transaction (``SET LOCAL``).
+
+        Hosted servers set low defaults per role or database (Supabase: seconds to minutes);
+        a window read or a bulk write of a large run outlasts them. Transaction-local, so nothing
+        is left on a pooled server connection.
+        """
+        self.execute(
+            "SELECT set_config('statement_timeout', '0', true),"
+            " set_config('idle_in_transaction_session_timeout', '0', true)"
+        )
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
         """Run one statement, binding ``params`` to ``$1, $2, ...``."""
@@ -137,7 +207,7 @@ class Db:
             try:
                 cur.execute(sql, params)
                 table: pa.Table = cur.fetch_arrow_table()
-            except adbc_driver_manager.Error as exc:
+            except (adbc_driver_manager.Error, pa.ArrowException, OSError) as exc:
                 raise self._wrap(exc, sql) from exc
         return table
 
@@ -149,16 +219,19 @@ class Db:
         """
         import adbc_driver_manager
 
+        rows = 0
         with self._conn.cursor() as cur:
             try:
                 cur.execute(sql)
                 reader = cur.fetch_record_batch()
                 for batch in reader:
+                    rows += batch.num_rows
                     frame = pl.from_arrow(_plain_arrow(pa.Table.from_batches([batch])))
                     assert isinstance(frame, pl.DataFrame)
                     yield frame
-            except adbc_driver_manager.Error as exc:
-                raise self._wrap(exc, sql) from exc
+            except (adbc_driver_manager.Error, pa.ArrowException, OSError) as exc:
+                # A result cut mid-stream surfaces from the batch reader as an Arrow IO error.
+                raise self._wrap(exc, sql, rows=rows) from exc
 
     def fetch_df(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
         """Like :meth:`fetch_arrow`, as a Polars frame (uuid columns arrive as 16-byte binary)."""
@@ -238,6 +311,7 @@ class Db:
         """
         self.rollback()  # start from a clean slate: nothing pending from earlier reads
         try:
+            self.lift_timeouts()
             if role is not None:
                 self.execute(f'SET LOCAL ROLE "{role}"')
             yield self

@@ -474,6 +474,7 @@ def read_rollup_input(
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     try:
+        db.lift_timeouts()
         db.execute('SET LOCAL ROLE "service_role"')
         snapshot = str(db.fetch_value("SELECT pg_current_snapshot()::text"))
         db.set_local(as_of=as_of_iso)

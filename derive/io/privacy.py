@@ -151,6 +151,7 @@ def begin_subject(db: Db, *, subject: str, read_only: bool) -> str:
     db.rollback()
     if read_only:
         db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    db.lift_timeouts()
     if db.fetch_value("SELECT pg_has_role(current_user, 'service_role', 'MEMBER')"):
         db.execute('SET LOCAL ROLE "service_role"')
     db.set_local(subject=subject)

@@ -149,6 +149,7 @@ def begin_snapshot(db: Db, *, snapshot: str | None = None) -> str:
         if not re.fullmatch(r"[0-9A-F]+-[0-9A-F]+-[0-9]+", snapshot):
             raise ValueError(f"unexpected snapshot id {snapshot!r}")
         db.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # a server-made id, checked above
+    db.lift_timeouts()  # the window read may outlast a hosted server's statement_timeout
     db.execute('SET LOCAL ROLE "service_role"')
     db.execute("SET LOCAL jit = off")  # compiling these plans costs more than it saves
     return str(db.fetch_value("SELECT pg_export_snapshot()"))
@@ -260,6 +261,7 @@ def estimate_window(db: Db, *, window_start: datetime, as_of: datetime) -> tuple
     The largest user is looked for among the table's most common user_ids (``pg_stats``); with
     no statistics it is 0 (the run checks each shard's largest user as it reads it).
     """
+    db.lift_timeouts()  # planning waits for locks; the exact counts read heavy users' rows
     plan = db.fetch_value(_WINDOW_ESTIMATE_SQL, (window_start, as_of))
     parsed = json.loads(plan) if isinstance(plan, str) else plan
     rows = int(parsed[0]["Plan"]["Plan Rows"])

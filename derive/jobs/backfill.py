@@ -133,6 +133,7 @@ def _read_range(db: Db, *, first: datetime, last: datetime, lookback: timedelta)
     """Every event any step needs, in one snapshot: ``[first - lookback, last]``."""
     db.rollback()
     db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    db.lift_timeouts()
     db.execute('SET LOCAL ROLE "service_role"')
     read.set_window(db, as_of=last, lookback=lookback + (last - first), relog_after=lookback)
     events = read.read_events(db)

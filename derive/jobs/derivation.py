@@ -153,13 +153,30 @@ def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) ->
     """The whole window on ``db`` while a sibling connection sharing the snapshot reads the rest.
 
     On 2 cores the overlap hides ~1 s of the 100k-user read. (Splitting the window itself into
-    parallel slices was measured slower: each slice scans the whole table.)
+    parallel slices was measured slower: each slice scans the whole table.) Behind a pooler the
+    reads run one after the other on ``db``: two open transactions would take two of the pool's
+    server connections for the whole read, and the lease's heartbeat or the next run would wait
+    for one (with PgBouncer's default_pool_size 2, until the lease expired).
     """
-    exported = read.begin_snapshot(db)
 
     def bind(conn: Db) -> None:
         read.set_window(conn, as_of=as_of, lookback=lookback, relog_after=rules.relog_after)
 
+    if db.proxied():
+        read.begin_snapshot(db)
+        bind(db)
+        try:
+            snapshot = incremental.read_snapshot(db)
+            events = read.read_events(db)
+            stored = read.read_states(db)
+            recent = read.read_recent_rejections(db)
+            side = read.read_side_counts(db, window_start=as_of - lookback, as_of=as_of)
+            upto = incremental.pending_requests(db)
+        finally:
+            db.rollback()
+        return Inputs(events, stored, recent, dict(side), snapshot, requests_upto=upto)
+
+    exported = read.begin_snapshot(db)
     bind(db)
     sibling = db.sibling()
     side_results: list[Any] = []
