@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from derive.errors import ConfigError, LockBusy
+from derive.errors import ConfigError, LockBusy, SourceError
 from derive.io.connect import Db
 
 #: Seconds a run's lease lasts without a heartbeat; a killed run blocks the next one this long.
@@ -202,6 +202,21 @@ def job_run(
     with _Heartbeat(db, run, lease):
         try:
             yield run
+        except SourceError as exc:
+            lost = not run.finished and not _lease_alive(db, run)
+            if not run.finished:
+                _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000])
+            if lost:
+                raise LeaseLost(
+                    f"this `{job}` run ({run.run_id}) lost its lease on {db.label} before it"
+                    f" could write: no heartbeat got through for {lease} s"
+                    " (DERIVE_LEASE_SECONDS), so the write was refused and nothing was kept."
+                    " Behind a transaction-mode pooler the pool had no free server connection"
+                    " for the heartbeat: give derive more of it (PgBouncer default_pool_size,"
+                    " 3 per run), raise DERIVE_LEASE_SECONDS, or connect in session mode"
+                    f" (Supabase: port 5432). ({exc})"
+                ) from exc
+            raise
         except BaseException as exc:
             if not run.finished:
                 _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000])
@@ -210,6 +225,25 @@ def job_run(
         with db.transaction(role="service_role"):
             _finish_statement(db, run, "succeeded", None)
         run.finished = True
+
+
+class LeaseLost(SourceError):
+    """The run's lease expired (no heartbeat got through) before it wrote; its write was refused."""
+
+
+def _lease_alive(db: Db, run: Run) -> bool:
+    """Whether the run still holds its lease (``True`` when that cannot be told)."""
+    try:
+        db.rollback()
+        alive = db.fetch_value(
+            "SELECT status = 'running' AND lease_expires_at >= clock_timestamp()"
+            "  FROM derivation_runs WHERE run_id = $1::uuid",
+            (run.run_id,),
+        )
+        db.rollback()
+    except SourceError:
+        return True
+    return alive is None or bool(alive)
 
 
 def _finish_failed(db: Db, run: Run, error: str) -> None:

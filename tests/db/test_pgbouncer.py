@@ -422,3 +422,26 @@ def test_a_pooler_that_cuts_a_long_read_gets_a_message_naming_session_mode(
     assert "port 5432" in err
     assert "Traceback" not in err
     assert states(pg) == {}
+
+
+def test_a_run_whose_heartbeat_cannot_get_a_server_connection_says_its_lease_was_lost(
+    admin_dsn: str, dsn: str, pg: psycopg.Connection
+) -> None:
+    insert_events(pg, [e for n in range(1, 20) for e in engaged_user(n)])
+    env = {"DERIVE_LEASE_SECONDS": "1"}
+    with pgbouncer(admin_dsn, "default_pool_size = 1") as narrow, psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE audience_state IN ACCESS EXCLUSIVE MODE")
+        run = start("run", "--as-of", AS_OF, "--dsn", via(narrow, dsn), env=env)
+        waiting_backend(pg)  # the run's read holds the pool's only server connection
+        expires = pg.execute(
+            "SELECT lease_expires_at FROM derivation_runs WHERE status = 'running'"
+        ).fetchone()
+        while pg.execute("SELECT clock_timestamp() <= %s", expires).fetchone() == (True,):
+            time.sleep(0.2)
+        locker.rollback()
+        out, err = run.communicate(timeout=300)
+
+    assert run.returncode == 1, out + err
+    assert "lost its lease" in err
+    assert "default_pool_size" in err
+    assert states(pg) == {}
