@@ -86,6 +86,14 @@ def attribution_cmd(
         OutputFormat,
         typer.Option("--format", help="table for people, csv or json for tools.", metavar="FORMAT"),
     ] = OutputFormat.table,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Recompute every credit even when no touchpoint changed since the previous run "
+            "with the same options.",
+        ),
+    ] = False,
 ) -> None:
     """Credit each conversion's value to the surfaces of the prospect's prior touchpoints.
 
@@ -95,7 +103,10 @@ def attribution_cmd(
     last_touch, linear, time_decay (2^(-age/half-life), normalised) or position_based (40/20/40).
     No prior touch: full credit to the conversion's own surface. Anonymous touchpoints are only
     counted. Credits go to attribution_credits (re-runs replace, never duplicate); prints the
-    attributed value per surface. Exit codes: 0 done, 1 failed, 2 usage error, 75 skipped.
+    attributed value per surface. A run with the options of the previous run, when no
+    touchpoint was inserted, updated or deleted since it read and no conversion entered the
+    window by time, reads nothing and reports that run's totals (--full recomputes anyway).
+    Exit codes: 0 done, 1 failed, 2 usage error, 75 skipped.
     """
     from derive.config import utc_now
     from derive.io.database import open_db
@@ -109,7 +120,7 @@ def attribution_cmd(
     when = timestamp(as_of, "--as-of") or utc_now()
     with open_db(dsn) as db:
         report = run_attribution(
-            db, models=models, window=span, half_life=decay, since=start, as_of=when
+            db, models=models, window=span, half_life=decay, since=start, as_of=when, full=full
         )
     if output is OutputFormat.json:
         print_json(report.as_dict())

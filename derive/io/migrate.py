@@ -43,6 +43,8 @@ RLS_TABLES = (
     "derive_requests",
     "derive_run_writes",
     "rollup_clock",
+    "prospect_touchpoint_changes",
+    "attribution_run_surfaces",
 )
 TENANT_POLICIES = (
     "audience_state",

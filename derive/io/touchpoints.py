@@ -13,6 +13,7 @@ NOT EXISTS instead, under the job's advisory lock, with the constraint as the ba
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ import pyarrow as pa
 
 from derive.errors import ContractError, UsageError
 from derive.io.connect import Db
+from derive.io.incremental import unseen_rows_sql
 from derive.schema import (
     CONVERSION_KINDS,
     LINES,
     NO_CREDIT_KINDS,
     STORED_CREDITS,
+    SURFACE_SUMMARY,
     TOUCHPOINTS,
 )
 
@@ -375,3 +378,106 @@ def write_credit_changes(
         )
         db.execute("DROP TABLE derive_credits_new")
     return counts
+
+
+@dataclass(frozen=True)
+class AttributionBase:
+    """The latest succeeded attribution run: what a run with the same options can build on."""
+
+    run_id: str
+    as_of: datetime
+    args: dict[str, object]
+    read_snapshot: str | None
+    counts: dict[str, object]
+
+
+def attribution_base(db: Db) -> AttributionBase | None:
+    """The latest succeeded attribution run (any options), or ``None``; call in a transaction."""
+    rows = db.fetch_all(
+        "SELECT run_id::text, as_of, args::text, read_snapshot::text, counts::text"
+        " FROM derivation_runs"
+        " WHERE job = 'attribution' AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1"
+    )
+    if not rows:
+        return None
+    run_id, as_of, args, snapshot, counts = rows[0]
+    return AttributionBase(
+        str(run_id), as_of, json.loads(args or "{}"), snapshot, json.loads(counts or "{}")
+    )
+
+
+_SNAPSHOT = "current_setting('derive.base_snapshot')::pg_snapshot"
+_ANYTHING_NEW_SQL = f"""
+SELECT EXISTS ({
+    unseen_rows_sql(
+        columns="1", table="prospect_touchpoints", alias="p", xid="xid", snapshot=_SNAPSHOT
+    )
+})
+    OR EXISTS ({
+    unseen_rows_sql(
+        columns="1", table="prospect_touchpoint_changes", alias="c", xid="xid", snapshot=_SNAPSHOT
+    )
+})
+    OR EXISTS (SELECT 1 FROM prospect_touchpoints p
+                WHERE p.prospect_id IS NOT NULL
+                  AND p.touchpoint IN ({_kinds(CONVERSION_KINDS)})
+                  AND p.occurred_at > current_setting('derive.base_as_of')::timestamptz
+                  AND p.occurred_at <= current_setting('derive.as_of')::timestamptz)
+"""
+
+
+def touchpoints_changed_since(db: Db, base: AttributionBase, *, as_of: datetime) -> bool:
+    """Whether a run at ``as_of`` could credit differently from ``base`` (same options).
+
+    True when a touchpoint row is not visible in the base's read snapshot (inserted later, or by
+    a transaction in progress then), a touchpoint was updated, deleted or truncated since, or a
+    conversion entered ``(base.as_of, as_of]`` by time. Index probes only. Call inside the run's
+    transaction, after :func:`lock_sources`.
+    """
+    assert base.read_snapshot is not None
+    db.set_local(
+        base_snapshot=base.read_snapshot,
+        base_as_of=base.as_of.isoformat(),
+        as_of=as_of.isoformat(),
+    )
+    return bool(db.fetch_value(_ANYTHING_NEW_SQL))
+
+
+def current_snapshot(db: Db) -> str:
+    """The open transaction's snapshot (the next run's watermark)."""
+    return str(db.fetch_value("SELECT pg_current_snapshot()::text"))
+
+
+def write_run_surfaces(db: Db, run_id: str, surfaces: pl.DataFrame) -> None:
+    """Record a run's per-surface totals (``SURFACE_SUMMARY`` rows) in attribution_run_surfaces."""
+    if surfaces.is_empty():
+        return
+    db.execute("DROP TABLE IF EXISTS pg_temp.derive_run_surfaces")
+    db.ingest(
+        "derive_run_surfaces", surfaces.with_columns(pl.col("attributed_value").cast(pl.String))
+    )
+    db.execute(
+        "INSERT INTO attribution_run_surfaces (run_id, model, surface, currency, conversions,"
+        " credits, attributed_value) SELECT $1::uuid, model, surface, currency, conversions,"
+        " credits, attributed_value::numeric FROM pg_temp.derive_run_surfaces",
+        (run_id,),
+    )
+    db.execute("DROP TABLE pg_temp.derive_run_surfaces")
+
+
+def read_run_surfaces(db: Db, run_id: str) -> pl.DataFrame:
+    """The per-surface totals a run recorded, shaped as ``SURFACE_SUMMARY``."""
+    frame = db.fetch_all(
+        "SELECT model, surface, currency, conversions, credits, attributed_value::text"
+        " FROM attribution_run_surfaces WHERE run_id = $1::uuid",
+        (run_id,),
+    )
+    return (
+        pl.DataFrame(
+            frame,
+            schema=["model", "surface", "currency", "conversions", "credits", "attributed_value"],
+            orient="row",
+        )
+        .cast(SURFACE_SUMMARY)
+        .sort("model", "surface", "currency", nulls_last=True)
+    )
