@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from derive.config import (
     parse_timestamp,
 )
 from derive.errors import UsageError
+
+if TYPE_CHECKING:
+    from derive.jobs.executor import Executor
 
 
 class _Argument(TyperArgument):
@@ -207,6 +210,50 @@ MemoryLimitOpt = Annotated[
         " (default: a quarter of this machine's memory).",
     ),
 ]
+
+
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        metavar="local|ray",
+        help="Where a full run's shards are derived: local (this process) or ray (Ray tasks;"
+        " needs pip install 'derive[ray]'). The write is always one transaction on --dsn.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        show_envvar=True,
+        metavar="ADDRESS",
+        help="Ray cluster to join with --executor ray, e.g. 10.0.0.5:6379, or auto (the cluster"
+        " running on this machine); default: a local Ray started for the run.",
+    ),
+]
+ReadDsnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--read-dsn",
+        envvar="DERIVE_READ_DSN",
+        show_envvar=True,
+        metavar="DSN",
+        help="Where a full run's shards read (a streaming read replica of --dsn); waited for"
+        " until it has replayed the primary's WAL (DERIVE_REPLICA_WAIT seconds, default 60).",
+    ),
+]
+
+
+def executor_from(name: str, address: str | None) -> Executor:
+    """The executor of ``--executor``/``--ray-address`` (close it when done)."""
+    from derive.jobs.executor import EXECUTORS, make_executor
+
+    if name not in EXECUTORS:
+        raise typer.BadParameter(
+            f"{name!r}: use one of {', '.join(EXECUTORS)}", param_hint="--executor"
+        )
+    return make_executor(name, address)
 
 
 def memory_size(value: str | None) -> int | None:

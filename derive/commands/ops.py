@@ -13,11 +13,18 @@ from derive.commands.common import (
     TIME_FORM,
     AsOfOpt,
     DsnOpt,
+    ExecutorOpt,
     JsonOpt,
+    MemoryLimitOpt,
+    RayAddressOpt,
+    ReadDsnOpt,
     RulesOpt,
+    ShardsOpt,
     duration,
     err,
     examples,
+    executor_from,
+    memory_size,
     out,
     print_json,
     print_timings,
@@ -258,13 +265,19 @@ def backfill_cmd(
     ] = None,
     rules: RulesOpt = None,
     dsn: DsnOpt = None,
+    shards: ShardsOpt = None,
+    memory_limit: MemoryLimitOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    read_dsn: ReadDsnOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the state machine over past as-of points; audience_state is not touched.
 
     Starts from an empty prior state at --from and derives every user at each step, feeding
     each step's states into the next, exactly as successive `derive run --as-of` calls would.
-    Events are read once. Each step is stored whole (a parquet file, or the table's rows plus a
+    Events are read once, in user_id ranges (shards) that fit in `--memory-limit`; each shard
+    replays every step for its users (`--executor ray`: as Ray tasks). Each step is stored whole (a parquet file, or the table's rows plus a
     marker), so an interrupted backfill resumes after its last complete step.
     """
     from rich.progress import (
@@ -294,6 +307,7 @@ def backfill_cmd(
         )
     stride, window = duration(step, "--step"), duration(lookback, "--lookback")
     loaded = rules_from(rules)
+    limit = memory_size(memory_limit)
     identity = Backfill(origin=start, step=stride, lookback=window, rules_version=loaded.tag)
     # The bar appears with the first step, when its total is known (not as "0/?" before a
     # refusal).
@@ -324,6 +338,7 @@ def backfill_cmd(
                 + (" (done before)" if result.skipped else f" {result.users:,} users"),
             )
 
+        tasks = executor_from(executor, ray_address)
         try:
             report = run_backfill(
                 db,
@@ -334,9 +349,14 @@ def backfill_cmd(
                 rules=loaded,
                 store=store,
                 progress=on_step,
+                shards=shards,
+                memory_limit=limit,
+                executor=tasks,
+                read_dsn=read_dsn or None,
             )
         finally:
             bar.stop()
+            tasks.close()
     if as_json:
         print_json(report.as_dict())
         return

@@ -9,14 +9,18 @@ import typer
 from derive.commands.common import (
     AsOfOpt,
     DsnOpt,
+    ExecutorOpt,
     JsonOpt,
     MemoryLimitOpt,
+    RayAddressOpt,
+    ReadDsnOpt,
     RulesOpt,
     ShardsOpt,
     UsersOpt,
     duration,
     err,
     examples,
+    executor_from,
     memory_size,
     print_json,
     print_run_summary,
@@ -61,6 +65,9 @@ def run_cmd(
     ] = False,
     shards: ShardsOpt = None,
     memory_limit: MemoryLimitOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    read_dsn: ReadDsnOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Derive every user's audience state (S0..S5), score and last event type.
@@ -73,6 +80,8 @@ def run_cmd(
     the changed states plus one audit event per state step, in one transaction.
     A full run (and `--verify`) derives its users in user_id ranges (shards) so that one shard's
     rows fit in `--memory-limit`, and commits all shards' writes in one transaction.
+    With `--executor ray` the shards are Ray tasks (each reads its users in the run's snapshot,
+    from `--read-dsn` when given, and returns Arrow); the driver still writes to --dsn.
     Exit codes: 0 done (`--verify`: equal), 1 failed (`--verify`: differences), 2 usage error
     (also: a --user that is unknown),
     75 skipped (another run holds the lock).
@@ -90,14 +99,20 @@ def run_cmd(
         if users or dry_run or full:
             raise UsageError("--verify compares every user: drop --user, --dry-run and --full")
         with open_db(dsn) as db:
-            result = verify_derivation(
-                db,
-                lookback=window,
-                rules=loaded,
-                as_of=timestamp(as_of, "--as-of"),
-                shards=shards,
-                memory_limit=limit,
-            )
+            tasks = executor_from(executor, ray_address)
+            try:
+                result = verify_derivation(
+                    db,
+                    lookback=window,
+                    rules=loaded,
+                    as_of=timestamp(as_of, "--as-of"),
+                    shards=shards,
+                    memory_limit=limit,
+                    executor=tasks,
+                    read_dsn=read_dsn or None,
+                )
+            finally:
+                tasks.close()
         print_verify(result, as_json=as_json)
         if not result.equal:
             raise typer.Exit(1)
@@ -110,17 +125,23 @@ def run_cmd(
                 f"--user {', '.join(unknown)}: no such user in {db.label} (no users row and no "
                 "events); nothing was derived. Check the uuid."
             )
-        report = run_derivation(
-            db,
-            as_of=when,
-            lookback=window,
-            rules=loaded,
-            users=users,
-            dry_run=dry_run,
-            full=full,
-            shards=shards,
-            memory_limit=limit,
-        )
+        tasks = executor_from(executor, ray_address)
+        try:
+            report = run_derivation(
+                db,
+                as_of=when,
+                lookback=window,
+                rules=loaded,
+                users=users,
+                dry_run=dry_run,
+                full=full,
+                shards=shards,
+                memory_limit=limit,
+                executor=tasks,
+                read_dsn=read_dsn or None,
+            )
+        finally:
+            tasks.close()
     if as_json:
         print_json(report.as_dict())
     else:

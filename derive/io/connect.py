@@ -135,6 +135,12 @@ class Db:
             self._proxied = server is not None and int(server) != _dsn_port(self._dsn)
         return self._proxied
 
+    @property
+    def dsn(self) -> str:
+        """The connection string this connection was opened with (for a task's own connection;
+        never shown)."""
+        return self._dsn
+
     def sibling(self) -> Db:
         """A new connection to the same database.
 

@@ -12,22 +12,35 @@ interrupted backfill resumes after its last complete step with the same answers.
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc
 
 from derive.config import STATES, Rules, format_duration
 from derive.errors import UsageError
 from derive.io import read
 from derive.io.connect import Db
 from derive.io.history import HISTORY
+from derive.io.replica import open_reader
 from derive.io.runlog import job_run
+from derive.jobs.derivation import ShardPlan, plan_shards, task_memory
+from derive.jobs.executor import (
+    Executor,
+    LocalExecutor,
+    ReplayResult,
+    ShardSource,
+    backfill_shard_task,
+)
 from derive.schema import RECENT_REJECTIONS, STORED_STATES, empty
 from derive.transforms.pipeline import derive_states
+from derive.transforms.shard import shard_bounds
 
 JOB = "backfill"
 #: The audit pointer carried by replayed states: the replay is its own audit trail.
@@ -151,11 +164,17 @@ def run_backfill(
     rules: Rules,
     store: HistoryStore,
     progress: Callable[[StepResult], None] = lambda _step: None,
+    shards: int | None = None,
+    memory_limit: int | None = None,
+    executor: Executor | None = None,
+    read_dsn: str | None = None,
 ) -> BackfillReport:
     """Replay the state machine at every step point and store each step's states.
 
     Steps already complete in ``store`` are skipped; the replay resumes from the last complete
-    one. Holds the ``backfill`` job lock (one backfill at a time) and logs the run in
+    one. The users are split into ``shards`` user_id ranges (default: as many as keep one shard's
+    events of the whole range under ``memory_limit``), derived by ``executor`` (default in this
+    process) reading from ``read_dsn`` when given; one shard reads everything at once as before. Holds the ``backfill`` job lock (one backfill at a time) and logs the run in
     ``derivation_runs``; audience_state and audience_events are never written.
 
     Raises:
@@ -189,6 +208,35 @@ def run_backfill(
             progress(StepResult(i, len(points), points[i], True, 0, 0, {}))
         stored = as_stored(store.load(points[resume - 1])) if resume > 0 else empty(STORED_STATES)
         if resume < len(points):
+            first, last = points[resume], points[-1]
+            sharding = plan_shards(
+                db,
+                as_of=last,
+                lookback=lookback + (last - first),
+                memory_limit=memory_limit,
+                shards=shards,
+            )
+            distributed = bool(read_dsn) or not isinstance(executor, LocalExecutor | None)
+            run.counts["shards"] = sharding.as_dict() | {
+                "executor": executor.name if executor else "local"
+            }
+        if resume < len(points) and (sharding.count > 1 or distributed):
+            report.events_read = _sharded_replay(
+                db,
+                stored,
+                points[resume:],
+                offset=resume,
+                total=len(points),
+                lookback=lookback,
+                rules=rules,
+                store=store,
+                run=run,
+                sharding=sharding,
+                executor=executor or LocalExecutor(),
+                read_dsn=read_dsn,
+                progress=progress,
+            )
+        elif resume < len(points):
             with run.phase("read"):
                 events = _read_range(db, first=points[resume], last=points[-1], lookback=lookback)
             report.events_read = events.height
@@ -216,6 +264,26 @@ def run_backfill(
     return report
 
 
+def replay_steps(
+    events: pl.DataFrame,
+    stored: pl.DataFrame,
+    points: Sequence[datetime],
+    lookback: timedelta,
+    rules: Rules,
+) -> Iterator[tuple[datetime, pl.DataFrame, int]]:
+    """Each step's (as_of, states, state changes), from ``stored`` before the first step.
+
+    Pure: the same users in, the same states out, whether over everyone or one shard's users.
+    """
+    no_rejections = empty(RECENT_REJECTIONS)
+    created = pl.col("created_at")
+    for as_of in points:
+        window = events.filter(created >= as_of - lookback, created <= as_of)
+        result = derive_states(window, stored, no_rejections, as_of=as_of, rules=rules)
+        stored = advance(stored, result.writes)
+        yield as_of, stored.select(list(HISTORY.names())), result.state_changes
+
+
 def _replay(
     events: pl.DataFrame,
     stored: pl.DataFrame,
@@ -230,26 +298,123 @@ def _replay(
     timings: dict[str, float],
     progress: Callable[[StepResult], None],
 ) -> None:
-    no_rejections = empty(RECENT_REJECTIONS)
-    created = pl.col("created_at")
-    for k, as_of in enumerate(points):
-        tick = time.perf_counter()
-        window = events.filter(created >= as_of - lookback, created <= as_of)
-        result = derive_states(window, stored, no_rejections, as_of=as_of, rules=rules)
-        stored = advance(stored, result.writes)
-        states = stored.select(list(HISTORY.names()))
+    tick = time.perf_counter()
+    for k, (as_of, states, state_changes) in enumerate(
+        replay_steps(events, stored, points, lookback, rules)
+    ):
         timings["compute"] = round(timings.get("compute", 0.0) + time.perf_counter() - tick, 4)
-        tick = time.perf_counter()
-        store.save(as_of, states, run_id=run_id)
-        timings["write"] = round(timings.get("write", 0.0) + time.perf_counter() - tick, 4)
+        _save_step(store, as_of, states, run_id=run_id, timings=timings)
         progress(
             StepResult(
-                offset + k,
-                total,
-                as_of,
-                False,
-                states.height,
-                result.state_changes,
-                _distribution(states),
+                offset + k, total, as_of, False, states.height, state_changes, _distribution(states)
             )
         )
+        tick = time.perf_counter()
+
+
+def _save_step(
+    store: HistoryStore,
+    as_of: datetime,
+    states: pl.DataFrame,
+    *,
+    run_id: str,
+    timings: dict[str, float],
+) -> None:
+    tick = time.perf_counter()
+    store.save(as_of, states, run_id=run_id)
+    timings["write"] = round(timings.get("write", 0.0) + time.perf_counter() - tick, 4)
+
+
+def _sharded_replay(
+    db: Db,
+    stored: pl.DataFrame,
+    points: Sequence[datetime],
+    *,
+    offset: int,
+    total: int,
+    lookback: timedelta,
+    rules: Rules,
+    store: HistoryStore,
+    run: Any,
+    sharding: ShardPlan,
+    executor: Executor,
+    read_dsn: str | None,
+    progress: Callable[[StepResult], None],
+) -> int:
+    """The replay in user_id ranges (each task reads its users' events in one snapshot and
+    replays every step for them); each step is stored whole once every shard is in. Events read.
+    """
+    first, last = points[0], points[-1]
+    with run.phase("read"):
+        reader = open_reader(db, read_dsn)
+    try:
+        with run.phase("read"):
+            exported = read.begin_snapshot(reader)
+        source = ShardSource(
+            dsn=reader.dsn,
+            snapshot=exported,
+            as_of=last,
+            lookback=lookback + (last - first),
+            relog_after=lookback,
+        )
+        bounds = shard_bounds(sharding.count)
+        calls = (
+            (
+                source,
+                shard,
+                stored.filter(shard.expr()).to_arrow(),
+                list(points),
+                lookback,
+                rules,
+                sharding.memory_limit,
+            )
+            for shard in bounds
+        )
+        changes = [0] * len(points)
+        events_read = 0
+        tasks = {"tasks": 0.0, "task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}
+        with tempfile.TemporaryDirectory(prefix="derive-backfill-") as root:
+            empty_states = empty(HISTORY).to_arrow()
+            writers = [
+                pa.ipc.new_file(f"{root}/step-{k}.arrow", empty_states.schema)
+                for k in range(len(points))
+            ]
+            try:
+                with run.phase("shards"):
+                    memory = task_memory(sharding.estimated_rows, sharding.count)
+                    for result in executor.map(backfill_shard_task, calls, memory=memory):
+                        assert isinstance(result, ReplayResult)
+                        events_read += result.events_read
+                        for k, part in enumerate(result.steps):
+                            writers[k].write_table(part.cast(empty_states.schema))
+                            changes[k] += result.state_changes[k]
+                        tasks["tasks"] += 1
+                        tasks["task_read"] += result.read_seconds
+                        tasks["task_compute"] += result.compute_seconds
+                        tasks["task_wall"] += result.ended - result.started
+                        del result
+            finally:
+                for writer in writers:
+                    writer.close()
+            reader.rollback()
+            run.timings.update({k: round(v, 4) for k, v in tasks.items()})
+            run.timings["compute"] = round(tasks["task_compute"], 4)
+            for k, as_of in enumerate(points):
+                with pa.OSFile(f"{root}/step-{k}.arrow", "rb") as source_file:
+                    table = pa.ipc.open_file(source_file).read_all()
+                states = pl.DataFrame(pl.from_arrow(table)).sort("user_id")
+                _save_step(store, as_of, states, run_id=run.run_id, timings=run.timings)
+                progress(
+                    StepResult(
+                        offset + k,
+                        total,
+                        as_of,
+                        False,
+                        states.height,
+                        changes[k],
+                        _distribution(states),
+                    )
+                )
+    finally:
+        reader.close()
+    return events_read

@@ -33,9 +33,18 @@ from derive.config import STATES, Rules, format_duration, machine_memory, parse_
 from derive.errors import UsageError
 from derive.io import incremental, read
 from derive.io.connect import Db
+from derive.io.replica import open_reader
 from derive.io.runlog import job_run
 from derive.io.spill import ShardSpill
 from derive.io.write import StagedWrite, WriteResult, staged_write, write_derivation
+from derive.jobs.executor import (
+    Executor,
+    LocalExecutor,
+    ShardResult,
+    ShardSource,
+    derive_shard_task,
+    largest_user,
+)
 from derive.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES, empty
 from derive.transforms.monotone import non_monotone
 from derive.transforms.pipeline import Derivation, derive_states
@@ -513,17 +522,20 @@ class ShardedInputs:
     snapshot: str
     exported: str
     requests_upto: int
+    read_dsn: str  # where the reader (and every task importing ``exported``) reads
 
 
 def _open_sharded_read(
-    db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules
+    db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules, read_dsn: str | None = None
 ) -> ShardedInputs:
     """One REPEATABLE READ snapshot on a sibling connection, held while the shards are read.
 
     Every shard's read runs in that one transaction, so all shards see one consistent database
-    (``exported`` lets another connection, or another process, adopt the same snapshot).
+    (``exported`` lets another connection, or another process, adopt the same snapshot). With
+    ``read_dsn`` the snapshot is taken on that read replica once it has caught up with the
+    primary (:func:`~derive.io.replica.open_reader`).
     """
-    reader = db.sibling()
+    reader = open_reader(db, read_dsn)
     try:
         exported = read.begin_snapshot(reader)
         read.set_window(reader, as_of=as_of, lookback=lookback, relog_after=rules.relog_after)
@@ -534,7 +546,7 @@ def _open_sharded_read(
     except BaseException:
         reader.close()
         raise
-    return ShardedInputs(reader, recent, dict(side), snapshot, exported, upto)
+    return ShardedInputs(reader, recent, dict(side), snapshot, exported, upto, reader.dsn)
 
 
 def _read_shard(reader: Db, bounds: ShardBounds) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -570,11 +582,9 @@ def _shard_inputs(
             yield shard, events, stored
 
 
-def _largest_user(events: pl.DataFrame) -> int:
-    if events.height == 0:
-        return 0
-    counts = events.group_by("user_id").len().get_column("len")
-    return int(counts.max() or 0)  # type: ignore[arg-type]
+def task_memory(rows: int, count: int) -> int:
+    """The memory one shard's task declares: its share of the window's rows, with the margin."""
+    return math.ceil(rows / max(count, 1) * BYTES_PER_ROW * SAFETY)
 
 
 def _derive_shards(
@@ -583,19 +593,86 @@ def _derive_shards(
     plan: ShardPlan,
     *,
     as_of: datetime,
+    lookback: timedelta,
     rules: Rules,
     each: Any,
+    executor: Executor | None = None,
+    keep_stored: bool = False,
 ) -> Totals:
-    """Read, derive and hand over (``each(diff, stored)``) every shard in turn; sum the counts."""
+    """Read, derive and hand over (``each(diff, stored)``) every shard; sum the counts.
+
+    The local executor reads the window once (streamed, spilled per shard) in the reader's
+    snapshot and derives the shards in turn; another executor runs :func:`derive_shard_task`
+    per shard, each task importing the same snapshot, and hands back the results as they come.
+    """
+    if executor is not None and not isinstance(executor, LocalExecutor):
+        return _derive_shards_as_tasks(
+            run,
+            inputs,
+            plan,
+            as_of=as_of,
+            lookback=lookback,
+            rules=rules,
+            each=each,
+            executor=executor,
+            keep_stored=keep_stored,
+        )
     totals = Totals()
     for bounds, events, stored in _shard_inputs(run, inputs, plan):
-        check_user_fits(_largest_user(events), plan.memory_limit)
+        check_user_fits(largest_user(events), plan.memory_limit)
         with run.phase("compute"):
             diff = derive_shard(bounds, events, stored, inputs.recent, as_of=as_of, rules=rules)
         del events
         totals.add(diff)
         each(diff, stored)
         del stored, diff
+    return totals
+
+
+def _derive_shards_as_tasks(
+    run: Any,
+    inputs: ShardedInputs,
+    plan: ShardPlan,
+    *,
+    as_of: datetime,
+    lookback: timedelta,
+    rules: Rules,
+    each: Any,
+    executor: Executor,
+    keep_stored: bool,
+) -> Totals:
+    source = ShardSource(
+        dsn=inputs.read_dsn,
+        snapshot=inputs.exported,
+        as_of=as_of,
+        lookback=lookback,
+        relog_after=rules.relog_after,
+    )
+    put = getattr(executor, "put", lambda value: value)
+    recent = put(inputs.recent.to_arrow())
+    calls = (
+        (source, bounds, recent, rules, keep_stored, plan.memory_limit)
+        for bounds in shard_bounds(plan.count)
+    )
+    totals = Totals()
+    tasks = {"tasks": 0, "task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}
+    with run.phase("shards"):
+        results = executor.map(
+            derive_shard_task, calls, memory=task_memory(plan.estimated_rows, plan.count)
+        )
+        for result in results:
+            assert isinstance(result, ShardResult)
+            totals.add(result.diff)
+            stored = (
+                pl.DataFrame(pl.from_arrow(result.stored)) if result.stored is not None else None
+            )
+            each(result.diff, stored)
+            tasks["tasks"] += 1
+            tasks["task_read"] += result.read_seconds
+            tasks["task_compute"] += result.compute_seconds
+            tasks["task_wall"] += result.ended - result.started
+            del result, stored
+    run.timings.update({k: round(v, 4) for k, v in tasks.items()})
     return totals
 
 
@@ -637,12 +714,16 @@ def run_derivation(
     full: bool = False,
     shards: int | None = None,
     memory_limit: int | None = None,
+    executor: Executor | None = None,
+    read_dsn: str | None = None,
 ) -> RunReport:
     """Run the audience-state derivation once (incremental when a base allows it).
 
     A full run splits its users into ``shards`` user_id ranges (default: as many as keep each
     shard's window under ``memory_limit``, see :func:`plan_shards`); the shards' rows are staged
-    into one write transaction as each is derived, and applied and committed once.
+    into one write transaction as each is derived, and applied and committed once. ``executor``
+    derives the shards (default in this process; see :mod:`derive.jobs.executor`), reading from
+    ``read_dsn`` (a read replica) when given; the write always goes to ``db``.
 
     Raises:
         LockBusy: another run holds the lease (recorded as ``skipped``; exit 75).
@@ -663,7 +744,7 @@ def run_derivation(
             sharding = plan_shards(
                 db, as_of=as_of, lookback=lookback, memory_limit=memory_limit, shards=shards
             )
-            if sharding.count > 1:
+            if sharding.count > 1 or _distributed(executor, read_dsn):
                 report = _sharded_run(
                     db,
                     run,
@@ -673,6 +754,8 @@ def run_derivation(
                     lookback=lookback,
                     rules=rules,
                     dry_run=dry_run,
+                    executor=executor,
+                    read_dsn=read_dsn,
                 )
                 return report
         warm = _warm_up(as_of=as_of, rules=rules) if plan.mode != "full" else None
@@ -736,6 +819,11 @@ def run_derivation(
     )
 
 
+def _distributed(executor: Executor | None, read_dsn: str | None) -> bool:
+    """Whether the shards are read elsewhere (tasks, a replica): then even one shard is a task."""
+    return bool(read_dsn) or (executor is not None and not isinstance(executor, LocalExecutor))
+
+
 def _sharded_run(
     db: Db,
     run: Any,
@@ -746,10 +834,15 @@ def _sharded_run(
     lookback: timedelta,
     rules: Rules,
     dry_run: bool,
+    executor: Executor | None = None,
+    read_dsn: str | None = None,
 ) -> RunReport:
     """A full run in ``sharding.count`` user ranges, one write transaction for all of them."""
     with run.phase("read"):
-        inputs = _open_sharded_read(db, as_of=as_of, lookback=lookback, rules=rules)
+        inputs = _open_sharded_read(
+            db, as_of=as_of, lookback=lookback, rules=rules, read_dsn=read_dsn
+        )
+    shard_counts = sharding.as_dict() | {"executor": executor.name if executor else "local"}
     run.extra = {
         "mode": plan.mode,
         "full_reason": plan.full_reason,
@@ -760,10 +853,17 @@ def _sharded_run(
     try:
         if dry_run:
             totals = _derive_shards(
-                run, inputs, sharding, as_of=as_of, rules=rules, each=lambda _d, _s: None
+                run,
+                inputs,
+                sharding,
+                as_of=as_of,
+                lookback=lookback,
+                rules=rules,
+                each=lambda _d, _s: None,
+                executor=executor,
             )
             counts = _totals_counts(totals, inputs.side)
-            counts["shards"] = sharding.as_dict()
+            counts["shards"] = shard_counts
         else:
             with staged_write(
                 db,
@@ -777,12 +877,14 @@ def _sharded_run(
                     inputs,
                     sharding,
                     as_of=as_of,
+                    lookback=lookback,
                     rules=rules,
                     each=lambda diff, _stored: _stage_diff(write, diff),
+                    executor=executor,
                 )
                 inputs.reader.rollback()
                 counts = _totals_counts(totals, inputs.side)
-                counts["shards"] = sharding.as_dict()
+                counts["shards"] = shard_counts
                 write_started = time.perf_counter()
 
                 def finish(written: WriteResult) -> None:
@@ -860,6 +962,8 @@ def verify_derivation(
     as_of: datetime | None = None,
     shards: int | None = None,
     memory_limit: int | None = None,
+    executor: Executor | None = None,
+    read_dsn: str | None = None,
 ) -> VerifyReport:
     """Recompute every user from scratch and list those whose stored row a full run would change.
 
@@ -876,7 +980,7 @@ def verify_derivation(
     sharding = plan_shards(
         db, as_of=as_of, lookback=lookback, memory_limit=memory_limit, shards=shards
     )
-    if sharding.count == 1:
+    if sharding.count == 1 and not _distributed(executor, read_dsn):
         inputs = _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
         result = derive_states(
             inputs.events, inputs.stored, inputs.recent, as_of=as_of, rules=rules
@@ -885,7 +989,7 @@ def verify_derivation(
         return VerifyReport(
             as_of=as_of, users_compared=result.users_evaluated, differences=differences
         )
-    sharded = _open_sharded_read(db, as_of=as_of, lookback=lookback, rules=rules)
+    sharded = _open_sharded_read(db, as_of=as_of, lookback=lookback, rules=rules, read_dsn=read_dsn)
     pieces: list[pl.DataFrame] = []
 
     def compare(diff: ShardDiff, stored: pl.DataFrame) -> None:
@@ -895,7 +999,15 @@ def verify_derivation(
 
     try:
         totals = _derive_shards(
-            _Untimed(), sharded, sharding, as_of=as_of, rules=rules, each=compare
+            _Untimed(),
+            sharded,
+            sharding,
+            as_of=as_of,
+            lookback=lookback,
+            rules=rules,
+            each=compare,
+            executor=executor,
+            keep_stored=True,
         )
     finally:
         sharded.reader.close()
@@ -905,6 +1017,9 @@ def verify_derivation(
 
 class _Untimed:
     """Stands in for a run's phase timer where nothing is recorded (``--verify``)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
 
     @contextmanager
     def phase(self, _name: str) -> Iterator[None]:
