@@ -42,7 +42,8 @@ class ShardSpill:
                 if frame.height == 0:
                     continue
                 rows += frame.height
-                index = frame.select(shard_index(pl.col("user_id"), self.bounds)).to_series()
+                # In with_columns a one-shard index (a literal) broadcasts to every row.
+                index = shard_index(pl.col("user_id"), self.bounds)
                 parts = frame.with_columns(_shard=index).partition_by(
                     "_shard", as_dict=True, include_key=False
                 )
