@@ -216,7 +216,7 @@ ExecutorOpt = Annotated[
     str,
     typer.Option(
         "--executor",
-        metavar="local|ray",
+        metavar="NAME",
         help="Where a full run's shards are derived: local (this process) or ray (Ray tasks;"
         " needs pip install 'derive[ray]'). The write is always one transaction on --dsn.",
     ),
