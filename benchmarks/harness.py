@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from benchmarks import incremental, ingest, userwindows, writepath
+from benchmarks import incremental, ingest, rayexec, userwindows, writepath
 from benchmarks.child import client_tool, spawn, timed
 from derive.config import load_rules
 from derive.io.connect import connect
@@ -186,6 +186,8 @@ class ScaleResult:
     tick_appended: dict[str, int] = field(default_factory=dict)
     #: Reads of N listed users' windows (benchmarks/userwindows.py), one row per N.
     user_reads: list[dict[str, Any]] = field(default_factory=list)
+    #: ``--executor local`` against ``--executor ray`` (None when not measured at this scale).
+    ray: rayexec.RayResult | None = None
 
     def ratio(self, top: str, bottom: str, *, job_time: bool = False) -> float | None:
         """Median of case ``top`` over median of case ``bottom`` (None when one is missing)."""
@@ -520,6 +522,7 @@ def run_derive(
     lookback: str = LOOKBACK_TEXT,
     dry_run: bool = False,
     full: bool = False,
+    extra: Sequence[str] = (),
 ) -> DeriveRun:
     """Run ``derive run --json`` as a child process and collect its wall time, RSS and timings.
 
@@ -548,6 +551,7 @@ def run_derive(
         argv.append("--dry-run")
     if full and has_full_flag():
         argv.append("--full")
+    argv.extend(extra)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = spawn(argv, stdout=out, stderr=err, env=None)
         seconds = child.seconds
@@ -861,6 +865,9 @@ def measure_scale(
                 )
             figure.note = _counts_note(run.counts)
             result.figures[case] = figure
+
+        if scale in rayexec.RAY_SCALES:
+            result.ray = rayexec.measure(work, run=run_derive, repeat=repeat, log=log, scale=scale)
 
         measure_ticks(server, result, names, repeat=repeat)
         result.user_reads = userwindows.measure(

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import incremental, ingest
+from benchmarks import incremental, ingest, rayexec
 from benchmarks.harness import (
     AS_OF,
     CASES,
@@ -127,7 +127,14 @@ def environment(server: str) -> Environment:
         python=sys.version.split()[0],
         packages={
             name: _version(name)
-            for name in ("polars", "connectorx", "adbc-driver-postgresql", "pyarrow", "derive")
+            for name in (
+                "polars",
+                "connectorx",
+                "adbc-driver-postgresql",
+                "pyarrow",
+                "ray",
+                "derive",
+            )
         },
         revision=_revision(),
     )
@@ -572,6 +579,14 @@ In this process, on the work database after (d): `read_inputs` of N users chosen
 constant time per 1,000 users.
 
 {user_reads_table(results)}
+
+## Scale-out on Ray (`--executor ray`)
+
+The full run of (d) (nothing changes) in {rayexec.SHARDS} shards with `--executor local` and with
+`--executor ray` (each run starts a local Ray; the tasks read from the same server). No speed-up
+is expected on this machine's cores: the figure to watch is the overhead per task.
+
+{rayexec.table([(r.scale, r.ray) for r in results])}
 
 ## Other jobs
 

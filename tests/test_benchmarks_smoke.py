@@ -12,7 +12,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from benchmarks import child, harness, incremental, ingest, report, userwindows, writepath
+from benchmarks import (
+    child,
+    harness,
+    incremental,
+    ingest,
+    rayexec,
+    report,
+    userwindows,
+    writepath,
+)
 from benchmarks.harness import Agreement, Figure, ScaleResult
 
 AS_OF = datetime(2026, 6, 1, tzinfo=UTC)
@@ -630,3 +639,58 @@ def test_user_window_reads_read_exactly_the_listed_users(dsn: str, pg: psycopg.C
         assert row["read_min_s"] <= row["read_s"] <= row["read_max_s"]
     one, two = rows
     assert one["events"] < two["events"] <= len(EVENTS)
+
+
+def _ray_result() -> rayexec.RayResult:
+    result = rayexec.RayResult(installed=True, shards=8, cpus=2)
+    result.local.seconds, result.local.job_seconds = [3.0], [2.0]
+    result.local.phases = [{"read": 1.2, "compute": 0.6}]
+    result.ray.seconds, result.ray.job_seconds = [9.0], [2.8]
+    result.ray.phases = [
+        {"shards": 2.4, "tasks": 8, "task_read": 1.6, "task_compute": 0.8, "task_wall": 3.2}
+    ]
+    return result
+
+
+def test_ray_section_reports_overhead_per_task_and_labels_the_estimate() -> None:
+    result = _ray_result()
+    # (2.8 - 2.0) / 8 tasks; estimate: (2.8 - 2.4) + (3.2 + 0.1 * 8) / (4 nodes x 2 CPUs)
+    assert result.overhead_per_task() == pytest.approx(0.1)
+    assert result.estimate_nodes() == pytest.approx(0.4 + 4.0 / 8)
+    scale = ScaleResult(scale="S", users=10_000)
+    scale.figures = {case: Figure(case, seconds=[1.0]) for case in harness.CASES}
+    scale.ray = result
+
+    text = report.render([scale], _env(), command="python -m benchmarks run --scale S", repeat=1)
+
+    assert "## Scale-out on Ray (`--executor ray`)" in text
+    assert "| S | local | 8 | 3.00 | 2.00 | — | 1.20 | 0.60 | — |" in text
+    assert "| S | ray | 8 | 9.00 | 2.80 | 2.40 | 1.60 | 0.80 | 0.100 |" in text
+    assert "- S: **estimate**, not a measurement: 0.90 s in-job on 4 nodes of 2 CPUs" in text
+
+
+def test_ray_section_says_when_ray_is_not_installed() -> None:
+    scale = ScaleResult(scale="S", users=10_000)
+    scale.figures = {case: Figure(case, seconds=[1.0]) for case in harness.CASES}
+    scale.ray = rayexec.RayResult(installed=False)
+    text = report.render([scale], _env(), command="python -m benchmarks run --scale S", repeat=1)
+    assert "ray is not installed (`pip install -e '.[ray]'`): not measured" in text
+
+
+@pytest.mark.ray
+def test_ray_section_measures_both_executors_on_a_tiny_dataset(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    _load(pg)
+    pg.close()
+    lines: list[str] = []
+
+    result = rayexec.measure(dsn, run=harness.run_derive, repeat=1, log=lines.append, shards=2)
+
+    assert result.installed
+    for figure in (result.local, result.ray):
+        assert len(figure.seconds) == len(figure.job_seconds) == 1
+    assert result.tasks == 2  # one task per shard, recorded in the run's timings
+    assert result.ray.phase("task_read") is not None
+    assert result.overhead_per_task() is not None
+    assert len(lines) == 2
