@@ -58,7 +58,8 @@ class RayResult:
 
     @property
     def tasks(self) -> int:
-        return int(self.ray.phase("tasks") or 0)
+        """Tasks of one Ray run: one per shard (0 before a Ray run was measured)."""
+        return self.shards if self.ray.phases else 0
 
     def overhead_per_task(self) -> float | None:
         """(Ray in-job - local in-job) / tasks, seconds (negative: Ray's parallelism won)."""

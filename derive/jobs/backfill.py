@@ -372,7 +372,7 @@ def _sharded_replay(
         )
         changes = [0] * len(points)
         events_read = 0
-        tasks = {"tasks": 0.0, "task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}
+        tasks = {"task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}  # seconds, summed
         with tempfile.TemporaryDirectory(prefix="derive-backfill-") as root:
             empty_states = empty(HISTORY).to_arrow()
             writers = [
@@ -388,7 +388,6 @@ def _sharded_replay(
                         for k, part in enumerate(result.steps):
                             writers[k].write_table(part.cast(empty_states.schema))
                             changes[k] += result.state_changes[k]
-                        tasks["tasks"] += 1
                         tasks["task_read"] += result.read_seconds
                         tasks["task_compute"] += result.compute_seconds
                         tasks["task_wall"] += result.ended - result.started

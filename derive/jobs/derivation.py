@@ -700,7 +700,7 @@ def _derive_shards_as_tasks(
         for bounds in shard_bounds(plan.count)
     )
     totals = Totals()
-    tasks = {"tasks": 0, "task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}
+    tasks = {"task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}  # seconds, summed
     with run.phase("shards"):
         results = executor.map(
             derive_shard_task, calls, memory=task_memory(plan.estimated_rows, plan.count)
@@ -712,7 +712,6 @@ def _derive_shards_as_tasks(
                 pl.DataFrame(pl.from_arrow(result.stored)) if result.stored is not None else None
             )
             each(result.diff, stored)
-            tasks["tasks"] += 1
             tasks["task_read"] += result.read_seconds
             tasks["task_compute"] += result.compute_seconds
             tasks["task_wall"] += result.ended - result.started

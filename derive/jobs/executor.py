@@ -193,6 +193,20 @@ def backfill_shard_task(
     )
 
 
+class TaskFailed(DeriveError):
+    """A task failed for a reason of its own or was lost for good; the run wrote nothing."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; nothing was written (the run's one transaction rolled back)")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
 class Executor(Protocol):
     """Runs task functions over a list of argument tuples; yields results as they complete."""
 
@@ -296,7 +310,12 @@ class RayExecutor:
                 except ray.exceptions.RayTaskError as exc:
                     if isinstance(exc.cause, DeriveError):
                         raise exc.cause from None
-                    raise
+                    raise TaskFailed(f"a shard task failed on Ray: {_first_line(exc)}") from exc
+                except ray.exceptions.RayError as exc:
+                    raise TaskFailed(
+                        f"a shard task was lost on Ray after {MAX_RETRIES} retries:"
+                        f" {_first_line(exc)}"
+                    ) from exc
                 submit()
                 yield result
         finally:
