@@ -236,9 +236,9 @@ def test_the_shard_count_follows_the_window_estimate(
         # a shard never holds more than MAX_SHARD_ROWS rows, however large the limit
         monkeypatch.setattr(derivation, "MAX_SHARD_ROWS", 500)
         capped = plan_shards(db, as_of=AS_OF, lookback=LOOKBACK, memory_limit=2**40)
-    # ~2000 rows x 700 bytes x 2 / 256 KiB ~ 11 shards
+    # ~2000 rows x 700 bytes x 2.5 / 256 KiB ~ 14 shards
     assert 1800 <= small.estimated_rows <= 2200
-    assert small.count == math.ceil(small.estimated_rows * 700 * 2 / (256 * 1024)) > 1
+    assert small.count == math.ceil(small.estimated_rows * 700 * 2.5 / (256 * 1024)) > 1
     assert large.count == 1
     assert forced.count == 3
     assert capped.count == math.ceil(capped.estimated_rows / 500) >= 4
