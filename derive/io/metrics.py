@@ -485,17 +485,21 @@ def read_rollup_input(
             db.execute(f"CREATE TEMP TABLE derive_rollup_ready ON COMMIT DROP AS {_READY_SQL}")
             frames = {name: db.fetch_df(sql) for name, sql in _INCREMENTAL_SQL.items()}
             clock = db.fetch_all("SELECT as_of, band_from, band_next FROM rollup_clock")
-            if clock:
+            if not clock:  # no clock yet: every stale_after is the computed one
+                db.set_local(clock="-infinity", due_end="infinity")
+                [row] = db.fetch_all(_UNCHANGED_DUE_SQL)
+                due = (int(row[0]), int(row[1]))
+            elif clock[0][0] < datetime.fromisoformat(as_of_iso):
                 recorded, old_from, old_next = clock[0]
                 end = due_end(list(old_from), list(old_next))
                 db.set_local(
                     clock=recorded.isoformat(),
                     due_end="infinity" if end is None else end.isoformat(),
                 )
-            else:  # no clock yet: every stale_after is the computed one
-                db.set_local(clock="-infinity", due_end="infinity")
-            [row] = db.fetch_all(_UNCHANGED_DUE_SQL)
-            due = (int(row[0]), int(row[1]))
+                [row] = db.fetch_all(_UNCHANGED_DUE_SQL)
+                due = (int(row[0]), int(row[1]))
+            # else: every stale_after shown lies after the recorded clock's as_of, which is not
+            # before this run's: nothing is due, no row needs counting.
     finally:
         db.rollback()
     return RollupInput(
