@@ -212,3 +212,28 @@ def test_ray_tasks_read_the_standby_in_one_snapshot(servers: tuple[str, str]) ->
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert _state(primary) == expected
+
+
+def test_the_watermark_of_a_run_that_read_the_standby_serves_the_next_incremental_run(
+    servers: tuple[str, str],
+) -> None:
+    primary, standby = servers
+    rows = _spread(5)
+    _fresh(primary, rows)
+    result = derive(
+        "run", "--full", "--shards", "2", "--as-of", WHEN, "--dsn", primary, "--read-dsn", standby
+    )
+    assert result.returncode == 0, result.stderr
+    # Events committed after that run's snapshot (taken on the standby, in the primary's xids).
+    newcomer = engaged_user(12345)
+    with psycopg.connect(primary, autocommit=True) as pg:
+        insert_events(pg, newcomer)
+    result = derive("run", "--as-of", WHEN, "--dsn", primary, "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"mode": "incremental"' in result.stdout
+    incremental_state = _state(primary)
+    assert len(incremental_state["states"]) == 6
+    # The same as a full run from scratch over everything.
+    _fresh(primary, rows + newcomer)
+    assert derive("run", "--full", "--as-of", WHEN, "--dsn", primary).returncode == 0
+    assert _state(primary) == incremental_state
