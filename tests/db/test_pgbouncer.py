@@ -29,6 +29,7 @@ import pytest
 from derive.io.notify import Listener
 from tests.db.helpers import engaged_user, hold_lease, insert_events, states
 from tests.db.test_hosted import start, waiting_backend
+from tests.db.test_sql_entry_points import as_service_role, quiet_insert, wait_done
 from tests.db.test_watch import Watch, insert_view, stopped_stats, wait_for_state, watch_factory
 
 __all__ = ["watch_factory"]  # the fixture, shared with test_watch
@@ -455,3 +456,23 @@ def test_a_run_whose_heartbeat_cannot_get_a_server_connection_says_its_lease_was
     assert "lost its lease" in err
     assert "default_pool_size" in err
     assert states(pg) == {}
+
+
+def test_a_request_through_the_pooler_is_served_by_a_polling_watcher(
+    dsn: str, pooler: tuple[str, int], watch_factory: Callable[..., Watch]
+) -> None:
+    pooled = via(pooler, dsn)
+    watch = watch_factory("--dsn", pooled, "--poll", "1s")
+    watch.wait_for_line("full run (no base run)", timeout=60)
+    user = uuid.UUID(int=0xF3)
+    quiet_insert(pooled, user)  # no wake-up: only the request asks for the user
+
+    with psycopg.connect(pooled, autocommit=True) as conn:
+        rid = as_service_role(conn, f"derive_audience_state('{user}')")
+        wait_for_state(dsn, user, timeout=60)
+        wait_done(conn, count=1)
+        status = conn.execute("SELECT status FROM derive_request_status(%s)", (rid,)).fetchone()
+    code = watch.terminate()
+
+    assert code == 0
+    assert status == ("done",)
