@@ -476,3 +476,17 @@ def test_a_request_through_the_pooler_is_served_by_a_polling_watcher(
 
     assert code == 0
     assert status == ("done",)
+
+
+def test_a_full_run_in_shards_through_the_pooler_equals_a_direct_one(
+    dsn: str, second_dsn: str, pooler: tuple[str, int]
+) -> None:
+    for target in (dsn, second_dsn):
+        with psycopg.connect(target, autocommit=True) as conn:
+            insert_events(conn, [e for n in range(1, 40) for e in engaged_user(n)])
+    pooled = derive("run", "--full", "--shards", "3", "--as-of", AS_OF, "--dsn", via(pooler, dsn))
+    direct = derive("run", "--full", "--shards", "3", "--as-of", AS_OF, "--dsn", second_dsn)
+
+    assert (pooled.returncode, direct.returncode) == (0, 0), pooled.stderr + direct.stderr
+    assert content(dsn)["audience_state"] == content(second_dsn)["audience_state"]
+    assert len(content(dsn)["audience_state"]) == 39
