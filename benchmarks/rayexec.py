@@ -62,19 +62,20 @@ class RayResult:
         return self.shards if self.ray.phases else 0
 
     def overhead_per_task(self) -> float | None:
-        """(Ray in-job - local in-job) / tasks, seconds (negative: Ray's parallelism won)."""
+        """(Ray in-job - Ray start - local in-job) / tasks, seconds (negative: Ray's
+        parallelism won)."""
         ray_job, local_job = (
             self.ray.median(self.ray.job_seconds),
             self.local.median(self.local.job_seconds),
         )
         if ray_job is None or local_job is None or not self.tasks:
             return None
-        return (ray_job - local_job) / self.tasks
+        return (ray_job - (self.ray.phase("executor_start") or 0.0) - local_job) / self.tasks
 
     def estimate_nodes(self, nodes: int = NODES) -> float | None:
         """ESTIMATE of the in-job time on ``nodes`` machines like this one (``cpus`` each).
 
-        The driver's serial part (in-job minus the shards phase) plus the tasks' summed wall time
+        The driver's serial part (in-job minus Ray's start and the shards phase) plus the tasks' summed wall time
         spread over every CPU of the cluster, plus the measured overhead of every task spread the
         same way. It assumes PostgreSQL serves that many concurrent range reads as fast as it
         served these, which one server of this size would not: the read floor still bounds it.
@@ -85,7 +86,8 @@ class RayResult:
         if job is None or shards_phase is None or task_wall is None or not self.cpus:
             return None
         slots = nodes * self.cpus
-        return (job - shards_phase) + (task_wall + max(overhead or 0.0, 0.0) * self.tasks) / slots
+        serial = job - shards_phase - (self.ray.phase("executor_start") or 0.0)
+        return serial + (task_wall + max(overhead or 0.0, 0.0) * self.tasks) / slots
 
 
 def measure(
@@ -130,20 +132,21 @@ def table(rows: list[tuple[str, RayResult | None]]) -> str:
     if not any(r.installed for _, r in measured):
         return "ray is not installed (`pip install -e '.[ray]'`): not measured in this run."
     lines = [
-        "| scale | executor | shards | wall s (median) | in-job s (median) | shards phase s"
-        " | tasks' read s (sum) | tasks' compute s (sum) | overhead per task s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scale | executor | shards | wall s (median) | in-job s (median) | Ray start s"
+        " | shards phase s | tasks' read s (sum) | tasks' compute s (sum) | overhead per task s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     estimates = []
     for scale, r in measured:
         if not r.installed:
-            lines.append(f"| {scale} | — | — | ray not installed | | | | | |")
+            lines.append(f"| {scale} | — | — | ray not installed | | | | | | |")
             continue
         for fig in (r.local, r.ray):
             is_ray = fig.executor == "ray"
             lines.append(
                 f"| {scale} | {fig.executor} | {r.shards} | {_s(fig.median(fig.seconds))}"
                 f" | {_s(fig.median(fig.job_seconds))}"
+                f" | {_s(fig.phase('executor_start')) if is_ray else '—'}"
                 f" | {_s(fig.phase('shards')) if is_ray else '—'}"
                 f" | {_s(fig.phase('task_read')) if is_ray else _s(fig.phase('read'))}"
                 f" | {_s(fig.phase('task_compute')) if is_ray else _s(fig.phase('compute'))}"
@@ -160,11 +163,13 @@ def table(rows: list[tuple[str, RayResult | None]]) -> str:
             "",
             "For local, the read and compute columns are the run's own phases (one streamed read,"
             " shards derived in turn); for ray, the sums over the tasks (each reads its user range"
-            " in the run's exported snapshot). Overhead per task = (ray in-job - local in-job) /"
-            " tasks. Wall includes starting a local Ray (no `--ray-address`).",
+            " in the run's exported snapshot). Ray start: the local Ray started inside the run"
+            " (no `--ray-address`; joining a running cluster costs less); wall also includes"
+            " stopping it. Overhead per task = (ray in-job - Ray start - local in-job) / tasks.",
             "",
             f"What {NODES} nodes would do, from these per-task timings: the driver's serial part"
-            " (in-job minus the shards phase: planning, the snapshot, the one write transaction)"
+            " (in-job minus Ray start and the shards phase: planning, the snapshot, the one write"
+            " transaction)"
             f" plus the tasks' summed wall time and overhead spread over {NODES} x CPUs. It"
             " assumes PostgreSQL serves that many concurrent range reads as fast as it served"
             " these; one server of this machine's size would not (a read replica per few nodes"

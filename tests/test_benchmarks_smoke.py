@@ -645,14 +645,22 @@ def _ray_result() -> rayexec.RayResult:
     result = rayexec.RayResult(installed=True, shards=8, cpus=2)
     result.local.seconds, result.local.job_seconds = [3.0], [2.0]
     result.local.phases = [{"read": 1.2, "compute": 0.6}]
-    result.ray.seconds, result.ray.job_seconds = [9.0], [2.8]
-    result.ray.phases = [{"shards": 2.4, "task_read": 1.6, "task_compute": 0.8, "task_wall": 3.2}]
+    result.ray.seconds, result.ray.job_seconds = [9.0], [7.8]
+    result.ray.phases = [
+        {
+            "executor_start": 5.0,
+            "shards": 2.4,
+            "task_read": 1.6,
+            "task_compute": 0.8,
+            "task_wall": 3.2,
+        }
+    ]
     return result
 
 
 def test_ray_section_reports_overhead_per_task_and_labels_the_estimate() -> None:
     result = _ray_result()
-    # (2.8 - 2.0) / 8 tasks; estimate: (2.8 - 2.4) + (3.2 + 0.1 * 8) / (4 nodes x 2 CPUs)
+    # (7.8 - 5.0 - 2.0) / 8 tasks; estimate: (7.8 - 2.4 - 5.0) + (3.2 + 0.1 * 8) / (4 x 2 CPUs)
     assert result.overhead_per_task() == pytest.approx(0.1)
     assert result.estimate_nodes() == pytest.approx(0.4 + 4.0 / 8)
     scale = ScaleResult(scale="S", users=10_000)
@@ -662,8 +670,8 @@ def test_ray_section_reports_overhead_per_task_and_labels_the_estimate() -> None
     text = report.render([scale], _env(), command="python -m benchmarks run --scale S", repeat=1)
 
     assert "## Scale-out on Ray (`--executor ray`)" in text
-    assert "| S | local | 8 | 3.00 | 2.00 | — | 1.20 | 0.60 | — |" in text
-    assert "| S | ray | 8 | 9.00 | 2.80 | 2.40 | 1.60 | 0.80 | 0.100 |" in text
+    assert "| S | local | 8 | 3.00 | 2.00 | — | — | 1.20 | 0.60 | — |" in text
+    assert "| S | ray | 8 | 9.00 | 7.80 | 5.00 | 2.40 | 1.60 | 0.80 | 0.100 |" in text
     assert "- S: **estimate**, not a measurement: 0.90 s in-job on 4 nodes of 2 CPUs" in text
 
 

@@ -380,6 +380,8 @@ def _sharded_replay(
                 for k in range(len(points))
             ]
             try:
+                with run.phase("executor_start"):
+                    executor.connect()
                 with run.phase("shards"):
                     memory = task_memory(sharding.estimated_rows, sharding.count)
                     for result in executor.map(backfill_shard_task, calls, memory=memory):

@@ -695,14 +695,16 @@ def _derive_shards_as_tasks(
         lookback=lookback,
         relog_after=rules.relog_after,
     )
+    totals = Totals()
+    tasks = {"task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}  # seconds, summed
+    with run.phase("executor_start"):
+        executor.connect()  # a local Ray starts here, once a run has shards for it
     put = getattr(executor, "put", lambda value: value)
     recent = put(inputs.recent.to_arrow())
     calls = (
         (source, bounds, recent, rules, keep_stored, plan.memory_limit)
         for bounds in shard_bounds(plan.count)
     )
-    totals = Totals()
-    tasks = {"task_read": 0.0, "task_compute": 0.0, "task_wall": 0.0}  # seconds, summed
     with run.phase("shards"):
         results = executor.map(
             derive_shard_task, calls, memory=task_memory(plan.estimated_rows, plan.count)

@@ -216,6 +216,8 @@ class Executor(Protocol):
         self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]], *, memory: int
     ) -> Iterator[Any]: ...
 
+    def connect(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -231,6 +233,9 @@ class LocalExecutor:
         del memory  # one task at a time: the shard plan already bounds it
         for args in calls:
             yield fn(*args)
+
+    def connect(self) -> None:
+        """Nothing to start."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -251,9 +256,18 @@ class RayExecutor:
         self._ray: Any = ray
         self.address = address
         self._started = False
+        self._connected = False
+        self.cpus = 1
+        self.memory = 0
+        if address:
+            _probe(address)  # fail fast; Ray is joined or started when the first task is due
+
+    def connect(self) -> None:
+        """Join the cluster (or start a local Ray) once; an incremental run never needs it."""
+        if self._connected:
+            return
+        ray, address = self._ray, self.address
         if not ray.is_initialized():
-            if address:
-                _probe(address)
             try:
                 ray.init(
                     address=address or "local",
@@ -269,12 +283,14 @@ class RayExecutor:
                     ) from None
                 raise UsageError(_unreachable(address, reason)) from None
             self._started = True
-        resources = self._ray.cluster_resources()
+        self._connected = True
+        resources = ray.cluster_resources()
         self.cpus = max(1, int(resources.get("CPU", 1)))
         self.memory = int(resources.get("memory", 0))
 
     def put(self, value: Any) -> Any:
         """Place a value shared by every task in the object store once."""
+        self.connect()
         return self._ray.put(value)
 
     def map(
@@ -285,6 +301,7 @@ class RayExecutor:
         A task's own error (a :class:`~derive.errors.DeriveError`) is raised here as itself; a
         task whose worker died is run again by Ray up to ``MAX_RETRIES`` times.
         """
+        self.connect()
         ray = self._ray
         need = max(MIN_TASK_MEMORY, memory)
         if self.memory:
@@ -327,6 +344,7 @@ class RayExecutor:
         if self._started:
             self._ray.shutdown()
             self._started = False
+        self._connected = False
 
 
 #: Seconds to wait for a TCP connection to a Ray head before calling it unreachable (Ray itself
