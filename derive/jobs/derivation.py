@@ -279,6 +279,7 @@ def _users_read(
         snapshot = incremental.read_snapshot(db)
         candidates: dict[str, int] = {}
         incremental_run = plan.mode == "incremental"
+        stored_users = read.estimate_states(db)
         upto = 0
         if incremental_run:
             assert plan.base is not None
@@ -293,7 +294,7 @@ def _users_read(
             found = incremental.read_candidates(db)
             ids = found.get_column("user_id").unique().sort()
             candidates = _count_reasons(found, total=ids.len())
-            if ids.len() > FULL_READ_SHARE * max(read.estimate_states(db), 1):
+            if ids.len() > FULL_READ_SHARE * max(stored_users, 1):
                 db.rollback()
                 inputs = _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
                 inputs.candidates = candidates | {"read_whole_window": 1}
@@ -313,6 +314,7 @@ def _users_read(
             ),
             with_counts=incremental_run,
             parallel=parallel,
+            stored_users=stored_users,
         )
         recent = read.read_recent_rejections(db)
     finally:
@@ -337,6 +339,9 @@ def _users_read(
 #: the second core. (Measured at M, 1,170 users / 47k rows: 0.17 s -> 0.10 s.) Below it, the
 #: second connection costs more than it saves.
 SPLIT_READ_USERS = 64
+#: Listed users, as a share of the stored ones, up to which their windows are read by index
+#: lookups per user (see :func:`derive.io.read.prefer_lookups`).
+LOOKUP_SHARE = 0.25
 
 
 def _read_listed(
@@ -347,13 +352,21 @@ def _read_listed(
     bind: Callable[[Db], None],
     with_counts: bool,
     parallel: bool,
+    stored_users: int,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
     """Events and stored states of ``listed`` (hex uuids, sorted) in ``db``'s open snapshot, and
-    the whole table's state distribution when ``with_counts``."""
+    the whole table's state distribution when ``with_counts``.
+
+    Up to ``LOOKUP_SHARE`` of the ``stored_users`` the reads are index lookups per user whatever
+    the planner estimates; beyond it, the planner's choice (a scan is then cheaper).
+    """
+    lookups = len(listed) <= LOOKUP_SHARE * stored_users
 
     def part(conn: Db, chunk: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
         if not chunk:
             return empty(EVENTS), empty(STORED_STATES)
+        if lookups:
+            read.prefer_lookups(conn)
         conn.set_local(users=",".join(chunk))
         return read.read_events(conn, users=chunk), read.read_states(conn, users=chunk)
 
