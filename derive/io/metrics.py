@@ -327,7 +327,7 @@ _FRESH = f"""EXISTS (SELECT 1 FROM metric_aggregates a
 # Keys to recompute: a candidate fetched by as_of whose aggregate is missing or due.
 _READY_SQL = f"""
 SELECT DISTINCT c.user_id, c.metric_kind, c.window_start, c.window_end
-  FROM ({_CANDIDATES_SQL}) c
+  FROM pg_temp.derive_rollup_candidates c
  WHERE c.fetched_at <= {_AS_OF} AND NOT {_FRESH}
 """
 
@@ -336,7 +336,7 @@ SELECT DISTINCT c.user_id, c.metric_kind, c.window_start, c.window_end
 _PENDING_SQL = f"""
 SELECT DISTINCT c.user_id, c.metric_kind::text AS metric_kind, c.window_start, c.window_end,
        c.fetched_at
-  FROM ({_CANDIDATES_SQL}) c
+  FROM pg_temp.derive_rollup_candidates c
  WHERE c.fetched_at > {_AS_OF} OR {_FRESH}
 """
 
@@ -482,6 +482,10 @@ def read_rollup_input(
             frames = {name: db.fetch_df(sql) for name, sql in _FULL_SQL.items()}
         else:
             db.set_local(base_snapshot=base_snapshot, band_from=timestamp_array(band_from))
+            # The candidates once (the watermark's index probes), then the keys to recompute.
+            db.execute(
+                f"CREATE TEMP TABLE derive_rollup_candidates ON COMMIT DROP AS {_CANDIDATES_SQL}"
+            )
             db.execute(f"CREATE TEMP TABLE derive_rollup_ready ON COMMIT DROP AS {_READY_SQL}")
             frames = {name: db.fetch_df(sql) for name, sql in _INCREMENTAL_SQL.items()}
             clock = db.fetch_all("SELECT as_of, band_from, band_next FROM rollup_clock")
