@@ -286,6 +286,16 @@ def test_the_cli_runs_a_full_run_and_a_backfill_on_ray(dsn: str, tmp_path: Path)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"executor": "ray"' in result.stdout
+    assert '"executor_start"' in result.stdout  # the run started a local Ray for its tasks
+    # An incremental run has no shard tasks: it starts no Ray.
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        insert_events(pg, _spread_users(1))
+    result = derive(
+        "run", "--executor", "ray", "--dsn", dsn, "--json", "--as-of", AS_OF.isoformat()
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"mode": "incremental"' in result.stdout
+    assert '"executor_start"' not in result.stdout
     result = derive(
         "backfill", "--from", (AS_OF - timedelta(days=2)).isoformat(), "--to",
         AS_OF.isoformat(), "--out", str(tmp_path), "--executor", "ray", "--shards", "2",
