@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, cast
 
 import polars as pl
 
@@ -51,6 +51,7 @@ from derive.transforms.pipeline import Derivation, derive_states
 from derive.transforms.shard import ShardBounds, ShardDiff, Totals, derive_shard, shard_bounds
 
 JOB = "derive"
+T = TypeVar("T")
 Mode = Literal["full", "incremental", "users"]
 
 #: An incremental run whose candidates exceed this share of the stored users reads the whole
@@ -158,6 +159,51 @@ class Inputs:
     requests_upto: int = 0
 
 
+class SiblingRead(Generic[T]):
+    """``work`` in a thread on a new connection that adopts ``db``'s exported snapshot.
+
+    The caller reads its own part meanwhile inside ``joined()`` (which waits for the thread
+    however the block ends), then takes ``result()``: the thread's value, or its exception raised
+    in the caller's thread.
+    """
+
+    def __init__(
+        self, db: Db, *, exported: str, bind: Callable[[Db], None], work: Callable[[Db], T]
+    ) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                other = db.sibling()
+                try:
+                    read.begin_snapshot(other, snapshot=exported)
+                    bind(other)
+                    self._value = work(other)
+                finally:
+                    other.close()
+            except BaseException as exc:  # re-raised by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, name="derive-sibling-read")
+        self._thread.start()
+
+    @contextmanager
+    def joined(self) -> Iterator[None]:
+        """Run the caller's block, then wait for the thread (also when the block raises)."""
+        try:
+            yield
+        finally:
+            self._thread.join()
+
+    def result(self) -> T:
+        """The thread's value (after :meth:`joined`)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
+
+
 def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) -> Inputs:
     """The whole window on ``db`` while a sibling connection sharing the snapshot reads the rest.
 
@@ -188,38 +234,24 @@ def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) ->
 
     exported = read.begin_snapshot(db)
     bind(db)
-    sibling = db.sibling()
-    side_results: list[Any] = []
 
-    def side_reads() -> None:
-        try:
-            read.begin_snapshot(sibling, snapshot=exported)
-            bind(sibling)
-            side_results.extend(
-                [
-                    read.read_states(sibling),
-                    read.read_recent_rejections(sibling),
-                    read.read_side_counts(sibling, window_start=as_of - lookback, as_of=as_of),
-                    incremental.pending_requests(sibling),
-                ]
-            )
-        except BaseException as exc:  # re-raised in the caller's thread
-            side_results[:] = [exc]
+    def side_reads(conn: Db) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int | None], int]:
+        return (
+            read.read_states(conn),
+            read.read_recent_rejections(conn),
+            dict(read.read_side_counts(conn, window_start=as_of - lookback, as_of=as_of)),
+            incremental.pending_requests(conn),
+        )
 
-    worker = threading.Thread(target=side_reads, name="derive-side-reads")
     try:
-        worker.start()
-        snapshot = incremental.read_snapshot(db)
-        events = _read_window_in_halves(db, exported=exported, bind=bind)
-        worker.join()
+        side_job = SiblingRead(db, exported=exported, bind=bind, work=side_reads)
+        with side_job.joined():
+            snapshot = incremental.read_snapshot(db)
+            events = _read_window_in_halves(db, exported=exported, bind=bind)
+        stored, recent, counted, upto = side_job.result()
     finally:
-        worker.join()
-        sibling.close()
         db.rollback()
-    if len(side_results) == 1 and isinstance(side_results[0], BaseException):
-        raise side_results[0]
-    stored, recent, side, upto = side_results
-    return Inputs(events, stored, recent, side, snapshot, requests_upto=upto)
+    return Inputs(events, stored, recent, counted, snapshot, requests_upto=upto)
 
 
 #: Table pages (8 KiB) from which a full read scans audience_events in two page ranges on two
@@ -235,30 +267,15 @@ def _read_window_in_halves(db: Db, *, exported: str, bind: Callable[[Db], None])
     if pages < SPLIT_SCAN_PAGES:
         return read.read_events(db)
     middle = pages // 2
-    results: list[Any] = []
-
-    def upper_half() -> None:
-        try:
-            other = db.sibling()
-            try:
-                read.begin_snapshot(other, snapshot=exported)
-                bind(other)
-                results.append(read.read_events(other, pages=(middle, None)))
-            finally:
-                other.close()
-        except BaseException as exc:  # re-raised in the caller's thread
-            results[:] = [exc]
-
-    worker = threading.Thread(target=upper_half, name="derive-upper-half")
-    worker.start()
-    try:
+    upper_half = SiblingRead(
+        db,
+        exported=exported,
+        bind=bind,
+        work=lambda conn: read.read_events(conn, pages=(middle, None)),
+    )
+    with upper_half.joined():
         lower = read.read_events(db, pages=(0, middle))
-    finally:
-        worker.join()
-    upper = results[0]
-    if isinstance(upper, BaseException):
-        raise upper
-    assert isinstance(upper, pl.DataFrame)
+    upper = upper_half.result()
     return pl.concat([lower, upper])
 
 
@@ -375,30 +392,15 @@ def _read_listed(
         return events, stored, read.read_state_counts(db) if with_counts else None
 
     half = len(listed) // 2
-    results: list[Any] = []
 
-    def second_half() -> None:
-        try:
-            sibling = db.sibling()
-            try:
-                read.begin_snapshot(sibling, snapshot=exported)
-                bind(sibling)
-                results.extend(part(sibling, listed[half:]))
-                results.append(read.read_state_counts(sibling) if with_counts else None)
-            finally:
-                sibling.close()
-        except BaseException as exc:  # re-raised in the caller's thread
-            results[:] = [exc]
+    def second_half(conn: Db) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
+        events, stored = part(conn, listed[half:])
+        return events, stored, read.read_state_counts(conn) if with_counts else None
 
-    worker = threading.Thread(target=second_half, name="derive-split-read")
-    worker.start()
-    try:
+    job = SiblingRead(db, exported=exported, bind=bind, work=second_half)
+    with job.joined():
         first_events, first_stored = part(db, listed[:half])
-    finally:
-        worker.join()
-    if len(results) == 1 and isinstance(results[0], BaseException):
-        raise results[0]
-    second_events, second_stored, counts = results
+    second_events, second_stored, counts = job.result()
     return (
         pl.concat([first_events, second_events]),
         pl.concat([first_stored, second_stored]),
