@@ -71,6 +71,8 @@ BASELINE_SAMPLE = 1_000
 OTHER_JOBS = ("bench_rollup", "bench_attribution")
 #: Scales at which the watermark's insert overhead is measured (each needs two database copies).
 INGEST_SCALES = ("S", "M")
+#: Inserts timed for the watch latency.
+WATCH_REPEAT = 7
 #: Scales at which the write path is measured (on a dataset of its own, generated dirty).
 WRITE_SCALES = ("S", "M")
 #: Single-row insert transactions and COPY rows of the insert-overhead figures.
@@ -186,6 +188,9 @@ class ScaleResult:
     tick_appended: dict[str, int] = field(default_factory=dict)
     #: Reads of N listed users' windows (benchmarks/userwindows.py), one row per N.
     user_reads: list[dict[str, Any]] = field(default_factory=list)
+    #: ``derive watch --debounce 1s``: seconds from insert commit to derived row (measured once
+    #: per benchmark run, on an empty database, and kept with the first scale).
+    watch_latency: list[float] = field(default_factory=list)
     #: ``--executor local`` against ``--executor ray`` (None when not measured at this scale).
     ray: rayexec.RayResult | None = None
 
@@ -951,4 +956,9 @@ def run(
                 names=names,
             )
         )
+    if results:
+        from benchmarks import watchlatency  # it imports this module
+
+        results[0].watch_latency = watchlatency.measure(server, repeat=WATCH_REPEAT, debounce=1.0)
+        log(f"watch latency (--debounce 1s): {sorted(results[0].watch_latency)}")
     return results

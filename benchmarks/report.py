@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -458,6 +459,18 @@ def agreement_table(results: list[ScaleResult]) -> str:
     return "\n".join(lines)
 
 
+def watch_table(results: list[ScaleResult]) -> str:
+    """``derive watch`` latency (benchmarks/watchlatency.py)."""
+    seconds = [x for r in results for x in r.watch_latency]
+    if not seconds:
+        return "Not measured in this run."
+    return (
+        "| inserts | median s | min s | max s |\n|---:|---:|---:|---:|\n"
+        f"| {len(seconds)} | {_s(statistics.median(seconds), 3)} | {_s(min(seconds), 3)}"
+        f" | {_s(max(seconds), 3)} |"
+    )
+
+
 def user_reads_table(results: list[ScaleResult]) -> str:
     """Reads of N listed users' windows (benchmarks/userwindows.py)."""
     rows = [(r.scale, row) for r in results for row in r.user_reads]
@@ -587,6 +600,15 @@ The full run of (d) (nothing changes) in {rayexec.SHARDS} shards with `--executo
 is expected on this machine's cores: the figure to watch is the overhead per task.
 
 {rayexec.table([(r.scale, r.ray) for r in results])}
+
+## `derive watch`: insert to derived row
+
+`derive watch --debounce 1s` on an empty scratch database (benchmarks/watchlatency.py): one event
+of a new user inserted (autocommit), then audience_state polled every 10 ms until the user's row is
+visible; a pause of twice the debounce between inserts. The figure holds the notification, the
+debounce, the watcher's "anything new" probe and one incremental run; not the interpreter's start.
+
+{watch_table(results)}
 
 ## Other jobs
 

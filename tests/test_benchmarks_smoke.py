@@ -179,6 +179,7 @@ def test_readme_renders_every_case_and_the_agreement() -> None:
     result.figures["c"].phases = [{"read": 0.25, "compute": 0.5}]
     result.agreement = Agreement(9_000, 9_000, 9_000, 0, 0)
 
+    result.watch_latency = [1.5, 1.1, 1.2]
     result.user_reads = [
         {
             "users": 1_000,
@@ -195,6 +196,7 @@ def test_readme_renders_every_case_and_the_agreement() -> None:
 
     # Assert
     assert "| S | 1,000 | 20,000 | 0.500 | 0.400 | 0.600 | 0.500 | 0.900 |" in text
+    assert "| 3 | 1.200 | 1.100 | 1.500 |" in text
     for label in harness.CASES.values():
         assert label in text
     assert "| S | (c) | read 0.250, compute 0.500 |" in text
