@@ -104,9 +104,11 @@ def _same(a: list[Any], b: list[Any]) -> None:
 def test_ray_runs_and_verify_write_what_local_runs_write(
     dsn: str, executor: RayExecutor, rules: Any, history: list[Any]
 ) -> None:
+    # The users sit exactly at, just below and just above the bounds of 7 shards (test_shards):
+    # each task's user_id range read must hold each of them once.
     with psycopg.connect(dsn, autocommit=True) as pg:
         local = _replay(dsn, pg, history, rules, shards=1)
-        _same(_replay(dsn, pg, history, rules, shards=3, executor=executor), local)
+        _same(_replay(dsn, pg, history, rules, shards=7, executor=executor), local)
         # One shard is a Ray task too (the read moves to the task), same answer.
         _same(_replay(dsn, pg, history, rules, shards=1, executor=executor), local)
 
@@ -142,7 +144,7 @@ def test_ray_backfill_stores_what_a_local_backfill_stores(
             insert_events(pg, _rows(batch, as_of))
             as_of += advance
     local = _backfill(dsn, tmp_path_factory.mktemp("local"), rules)
-    sharded = _backfill(dsn, tmp_path_factory.mktemp("ray"), rules, shards=3, executor=executor)
+    sharded = _backfill(dsn, tmp_path_factory.mktemp("ray"), rules, shards=7, executor=executor)
     assert len(local) == len(sharded) == 5
     for a, b in zip(local, sharded, strict=True):
         assert_frame_equal(a, b)
