@@ -207,35 +207,17 @@ def read_events(
     *,
     users: Sequence[str] = (),
     user_range: tuple[bytes | None, bytes | None] | None = None,
-    pages: tuple[int, int | None] | None = None,
 ) -> pl.DataFrame:
     """The lookback window of events (non-null user, non-system), one Arrow read.
 
     ``user_range``: only the users in ``[lo, hi)`` (bound with :func:`set_user_range` first).
-    ``pages``: only the rows stored in table pages ``[lo, hi)`` (``hi`` None: to the end), a TID
-    range scan.
     """
     if users:
         return _conform(db.fetch_df(EVENTS_USERS_SQL), EVENTS)
     sql = EVENTS_WINDOW_SQL
     if user_range is not None:
         sql += _user_range("e.user_id", *user_range)
-    if pages is not None:
-        lo, hi = (int(p) if p is not None else None for p in pages)  # numbers only, never text
-        sql += f"\n   AND e.ctid >= '({lo},0)'::tid"
-        if hi is not None:
-            sql += f" AND e.ctid < '({hi},0)'::tid"
     return _conform(db.fetch_df(sql), EVENTS)
-
-
-def table_pages(db: Db) -> int:
-    """audience_events' current size in pages (not transactional: rows the snapshot sees lie in
-    pages that existed when it was taken, so this is at least their extent)."""
-    return int(
-        db.fetch_value(
-            "SELECT pg_relation_size('audience_events') / current_setting('block_size')::int"
-        )
-    )
 
 
 def stream_events(db: Db) -> Iterator[pl.DataFrame]:

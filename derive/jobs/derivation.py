@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -45,7 +45,7 @@ from derive.jobs.executor import (
     derive_shard_task,
     largest_user,
 )
-from derive.schema import EVENTS, RECENT_REJECTIONS, STORED_STATES, empty
+from derive.schema import EVENTS, STORED_STATES, empty
 from derive.transforms.monotone import non_monotone
 from derive.transforms.pipeline import Derivation, derive_states
 from derive.transforms.shard import ShardBounds, ShardDiff, Totals, derive_shard, shard_bounds
@@ -207,9 +207,10 @@ class SiblingRead(Generic[T]):
 def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) -> Inputs:
     """The whole window on ``db`` while a sibling connection sharing the snapshot reads the rest.
 
-    On 2 cores the overlap hides ~1 s of the 100k-user read. The events themselves are read as
-    two page ranges of the table on two connections (:func:`_read_window_in_halves`): splitting
-    by user or by time instead was slower, as each slice scanned the whole table. Behind a pooler the
+    On 2 cores the overlap hides ~1 s of the 100k-user read. (Splitting the events' read itself
+    over two connections was measured slower: by user or by time each slice scanned the whole
+    table, and by page range, at M on a quiet machine, 3.6 s against 3.1 s for one scan, as the
+    halves compete with the side reads for the 2 cores.) Behind a pooler the
     reads run one after the other on ``db``: two open transactions would take two of the pool's
     server connections for the whole read, and the lease's heartbeat or the next run would wait
     for one (with PgBouncer's default_pool_size 2, until the lease expired).
@@ -247,36 +248,11 @@ def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) ->
         side_job = SiblingRead(db, exported=exported, bind=bind, work=side_reads)
         with side_job.joined():
             snapshot = incremental.read_snapshot(db)
-            events = _read_window_in_halves(db, exported=exported, bind=bind)
+            events = read.read_events(db)
         stored, recent, counted, upto = side_job.result()
     finally:
         db.rollback()
     return Inputs(events, stored, recent, counted, snapshot, requests_upto=upto)
-
-
-#: Table pages (8 KiB) from which a full read scans audience_events in two page ranges on two
-#: connections sharing the snapshot: the server's scan and COPY, and the client's parse of it, then
-#: run on both cores. Below it one scan is cheap enough.
-SPLIT_SCAN_PAGES = 4096
-
-
-def _read_window_in_halves(db: Db, *, exported: str, bind: Callable[[Db], None]) -> pl.DataFrame:
-    """The window's events, read as two page ranges of the table (every row version lies in
-    exactly one page, so the halves partition the rows the snapshot sees)."""
-    pages = read.table_pages(db)
-    if pages < SPLIT_SCAN_PAGES:
-        return read.read_events(db)
-    middle = pages // 2
-    upper_half = SiblingRead(
-        db,
-        exported=exported,
-        bind=bind,
-        work=lambda conn: read.read_events(conn, pages=(middle, None)),
-    )
-    with upper_half.joined():
-        lower = read.read_events(db, pages=(0, middle))
-    upper = upper_half.result()
-    return pl.concat([lower, upper])
 
 
 def _users_read(
@@ -406,29 +382,6 @@ def _read_listed(
         pl.concat([first_stored, second_stored]),
         counts,
     )
-
-
-def _warm_up(*, as_of: datetime, rules: Rules) -> threading.Thread:
-    """Derive nobody in a background thread while the read waits on the database.
-
-    The first derivation in a process pays ~60 ms of one-time set-up in Polars (measured at M,
-    1,170 users: 0.12 s cold, 0.06 s warm); a small run would otherwise pay it after its read.
-    The read releases the GIL while it waits, so this costs the run nothing it would not pay anyway.
-    """
-
-    def derive_nobody() -> None:
-        with suppress(Exception):  # the real derivation reports any error itself
-            derive_states(
-                empty(EVENTS),
-                empty(STORED_STATES),
-                empty(RECENT_REJECTIONS),
-                as_of=as_of,
-                rules=rules,
-            )
-
-    worker = threading.Thread(target=derive_nobody, name="derive-warm-up", daemon=True)
-    worker.start()
-    return worker
 
 
 def _count_reasons(found: pl.DataFrame, *, total: int) -> dict[str, int]:
@@ -821,13 +774,10 @@ def run_derivation(
                     read_dsn=read_dsn,
                 )
                 return report
-        warm = _warm_up(as_of=as_of, rules=rules) if plan.mode != "full" else None
         with run.phase("read"):
             inputs = read_inputs(
                 db, as_of=as_of, lookback=lookback, rules=rules, users=users, plan=plan
             )
-        if warm is not None:
-            warm.join()
         with run.phase("compute"):
             result = derive_states(
                 inputs.events, inputs.stored, inputs.recent, as_of=as_of, rules=rules

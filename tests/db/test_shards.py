@@ -242,38 +242,3 @@ def test_the_shard_count_follows_the_window_estimate(
     assert large.count == 1
     assert forced.count == 3
     assert capped.count == math.ceil(capped.estimated_rows / 500) >= 4
-
-
-def test_a_full_read_in_two_page_ranges_reads_every_row_once(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    rows = [
-        {
-            "created_at": AS_OF - timedelta(minutes=i),
-            "user_id": uuid.UUID(int=i % 37),
-            "session_id": f"s{i % 5}",
-            "event_type": "scroll_depth_75",
-            "event_category": "engagement",
-            "metadata": json.dumps({"pad": "x" * 200}),
-        }
-        for i in range(600)
-    ]
-    with psycopg.connect(dsn, autocommit=True) as pg:
-        insert_events(pg, rows)
-        # an updated row moves to another page: still read once
-        pg.execute("UPDATE audience_events SET metadata = '{}' WHERE session_id = 's3'")
-        pages = pg.execute(
-            "SELECT pg_relation_size('audience_events') / current_setting('block_size')::int"
-        ).fetchone()
-    assert pages is not None
-    assert pages[0] >= 4
-
-    def window(split_from: int) -> list[bytes]:
-        monkeypatch.setattr(derivation, "SPLIT_SCAN_PAGES", split_from)
-        with connect(dsn) as db:
-            inputs = derivation.read_inputs(db, as_of=AS_OF, lookback=LOOKBACK, rules=load_rules())
-        return sorted(inputs.events.get_column("id").to_list())
-
-    whole, halves = window(10**9), window(1)
-    assert len(whole) == 600
-    assert halves == whole
