@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -79,8 +80,17 @@ def pair(
 
 
 def both(pair: tuple[str, str, psycopg.Connection, psycopg.Connection], rows: list[Any]) -> None:
-    insert_events(pair[2], rows)
-    insert_events(pair[3], rows)
+    """The same rows, ids included, into both databases: events at one instant are ordered by id
+    (last_event_type, dedupe), so ids the databases drew apart would order them differently."""
+    rows = [{**row, "id": uuid.uuid4()} for row in rows]
+    for conn in (pair[2], pair[3]):
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO audience_events (id, created_at, user_id, session_id, event_type,"
+                " event_category, metadata) VALUES (%(id)s, %(created_at)s, %(user_id)s,"
+                " %(session_id)s, %(event_type)s, %(event_category)s, %(metadata)s::jsonb)",
+                rows,
+            )
 
 
 def step(
