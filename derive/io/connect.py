@@ -363,6 +363,9 @@ def connect(dsn: str, *, autocommit: bool = False) -> Db:
     import adbc_driver_manager
     from adbc_driver_postgresql import dbapi
 
+    from derive.io.interrupts import install
+
+    install()
     label = describe_dsn(dsn)
     try:
         conn = dbapi.connect(with_application_name(dsn), autocommit=autocommit)
