@@ -46,19 +46,36 @@ EVENTS_WINDOW_SQL = (
    AND e.created_at <= current_setting('derive.as_of')::timestamptz"""
 )
 
-#: The same window for the users listed in ``derive.users`` (distinct, comma-separated uuids):
-#: a join against the list, so each user is one range scan of the (user_id, created_at) index.
-#: (``user_id = ANY (array)`` let the planner filter the created_at index row by row instead:
-#: minutes for a few thousand users.)
-EVENTS_USERS_SQL = (
+#: Rows the covering index ``audience_events_user_window_idx`` (migration 0023) holds: small
+#: enough that an index tuple with them always fits a btree page (PostgreSQL refuses a larger one,
+#: which would fail the application's insert). The others, rare, are in the small
+#: ``audience_events_user_window_rest_idx``. The text must equal the migration's predicates: the
+#: planner matches a partial index by the expressions' form.
+_SMALL_ROW = """octet_length(e.metadata::text) <= 256 AND coalesce(octet_length(e.session_id), 0) <= 256
+    AND octet_length(e.event_type) <= 128 AND octet_length(e.event_category) <= 64"""
+
+_LISTED_WINDOW = (
     _EVENT_COLUMNS.replace(
         "FROM audience_events e",
         "FROM unnest(string_to_array(current_setting('derive.users'), ',')::uuid[]) AS u(user_id)\n"
         "  JOIN audience_events e ON e.user_id = u.user_id",
     )
-    + """ WHERE e.event_category <> 'system'
+    + """ WHERE e.event_category <> 'system' AND e.user_id IS NOT NULL
    AND e.created_at >= current_setting('derive.window_start')::timestamptz
-   AND e.created_at <= current_setting('derive.as_of')::timestamptz"""
+   AND e.created_at <= current_setting('derive.as_of')::timestamptz
+   AND {part}"""
+)
+
+#: The same window for the users listed in ``derive.users`` (distinct, comma-separated uuids):
+#: a join against the list, so each user is one range scan per index: an index-only scan of the
+#: covering index for the usual rows (no heap page per event: at L, 10k users, 0.62 s -> 0.17 s
+#: on the server) and the rest index for the oversized ones.
+#: (``user_id = ANY (array)`` let the planner filter the created_at index row by row instead:
+#: minutes for a few thousand users.)
+EVENTS_USERS_SQL = (
+    _LISTED_WINDOW.format(part=f"({_SMALL_ROW})")
+    + "\nUNION ALL\n"
+    + _LISTED_WINDOW.format(part=f"NOT ({_SMALL_ROW})")
 )
 
 _STATES = f"""
