@@ -184,6 +184,10 @@ class ScaleResult:
     write_counts: dict[str, Any] = field(default_factory=dict)
     #: The watermark's cost to the application's inserts (None when not measured at this scale).
     inserts: ingest.IngestResult | None = None
+    #: The covering window index's cost to the same inserts (None when not measured).
+    index_inserts: ingest.IngestResult | None = None
+    #: Bytes of audience_events and of each of its indexes in the loaded database.
+    relation_sizes: dict[str, int] = field(default_factory=dict)
     #: Users and events appended before (f).
     tick_appended: dict[str, int] = field(default_factory=dict)
     #: Reads of N listed users' windows (benchmarks/userwindows.py), one row per N.
@@ -646,7 +650,13 @@ def prepare(server: str, result: ScaleResult, names: Names = Names()) -> None:
     result.load_seconds = time.perf_counter() - start
     with psycopg.connect(loaded, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM audience_events").fetchone()
+        sizes = conn.execute(
+            "SELECT 'audience_events', pg_relation_size('audience_events')"
+            " UNION ALL SELECT indexrelname, pg_relation_size(indexrelid)"
+            " FROM pg_stat_user_indexes WHERE relname = 'audience_events'"
+        ).fetchall()
     result.events_total = int(row[0]) if row else 0
+    result.relation_sizes = {str(name): int(size) for name, size in sizes}
     log(
         f"{result.scale}: loaded {result.events_total:,} events"
         f" in {result.load_seconds:.1f} s: {summary}"
@@ -686,9 +696,14 @@ def measure_baseline(
 
 
 def measure_floor(work: str, result: ScaleResult, *, repeat: int) -> None:
-    """(b) psql to /dev/null and (b') the Python client, alternately."""
+    """(b) psql to /dev/null and (b') the Python client, alternately, after one untimed psql
+    pass: the work database is a fresh file copy, and the first scan of it would also time
+    reading its files into the page cache, which the job's runs (on a warm cache) never pay; a
+    slower floor would flatter every ratio to it."""
     sql = window_sql()
     floor, python = Figure("b"), Figure("b_py")
+    warm = psql_floor(work, sql)
+    log(f"{result.scale}: (b) warm-up pass (untimed): psql {warm:.2f} s")
     for i in range(repeat):
         floor.seconds.append(psql_floor(work, sql))
         seconds, received = read_floor(work, sql)
@@ -789,35 +804,43 @@ def measure_writes(
 def measure_inserts(
     server: str, result: ScaleResult, names: Names, *, repeat: int, scratch: Path
 ) -> None:
-    """The watermark's cost to single-row inserts and a 100k-row COPY (two fresh copies)."""
-    pair = {v: names.scratch(f"ingest_{v}") for v in ("with", "without")}
-    try:
-        dsns = {
-            v: recreate_database(server, name, template=names.loaded) for v, name in pair.items()
-        }
-        result.inserts = ingest.measure(
-            dsns["with"],
-            dsns["without"],
-            workdir=scratch,
-            repeat=repeat,
-            transactions=INGEST_TRANSACTIONS,
-            copy_rows=INGEST_COPY_ROWS,
-            until=AS_OF,
-            seed=SEED,
-        )
-    except (OSError, RuntimeError) as exc:
-        raise BenchError(f"the insert-overhead benchmark failed: {exc}") from exc
-    finally:
-        for name in pair.values():
-            drop_database(server, name)
-    for shape in ("single", "copy"):
-        found = result.inserts.pair(shape)
-        if found:
-            w, wo = found
-            log(
-                f"{result.scale}: inserts ({shape}): with watermark {w.median_rate:,.0f} rows/s,"
-                f" without {wo.median_rate:,.0f} rows/s"
+    """What the watermark, then the covering window index, cost single-row inserts and a
+    100k-row COPY (two fresh copies each)."""
+    for subject in (ingest.WATERMARK, ingest.WINDOW_INDEX):
+        pair = {v: names.scratch(f"ingest_{v}") for v in ("with", "without")}
+        try:
+            dsns = {
+                v: recreate_database(server, name, template=names.loaded)
+                for v, name in pair.items()
+            }
+            measured = ingest.measure(
+                dsns["with"],
+                dsns["without"],
+                workdir=scratch,
+                repeat=repeat,
+                transactions=INGEST_TRANSACTIONS,
+                copy_rows=INGEST_COPY_ROWS,
+                until=AS_OF,
+                seed=SEED,
+                subject=subject,
             )
+        except (OSError, RuntimeError) as exc:
+            raise BenchError(f"the insert-overhead benchmark failed: {exc}") from exc
+        finally:
+            for name in pair.values():
+                drop_database(server, name)
+        if subject is ingest.WATERMARK:
+            result.inserts = measured
+        else:
+            result.index_inserts = measured
+        for shape in ("single", "copy"):
+            found = measured.pair(shape)
+            if found:
+                w, wo = found
+                log(
+                    f"{result.scale}: inserts ({shape}): with {subject.key}"
+                    f" {w.median_rate:,.0f} rows/s, without {wo.median_rate:,.0f} rows/s"
+                )
 
 
 def measure_scale(

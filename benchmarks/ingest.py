@@ -1,11 +1,13 @@
-"""What the incremental run's watermark costs the application's own inserts into audience_events.
+"""What the incremental run's watermark, and the covering index of users' windows, cost the
+application's own inserts into audience_events.
 
 The watermark (migration 0007) is a column ``ingest_xid xid8 DEFAULT pg_current_xact_id()``, a
 partial index on it and two statement-level triggers (after UPDATE, after DELETE) that record
 changed users. Two copies of the same migrated, loaded database are measured side by side: one as
 migrated ("with"), one with exactly those objects dropped ("without"). The statements tolerate the
 objects being absent, so the same code runs on a checkout before 0007: then both copies are the
-same schema and the rows say so.
+same schema and the rows say so. The covering index of users' windows (migration 0052: the index
+and its small rest index) is measured the same way, as a second subject.
 
 Two ingest shapes, both through the PostgreSQL client programs and timed as whole processes:
 
@@ -28,6 +30,7 @@ import random
 import re
 import statistics
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -107,6 +110,7 @@ class IngestResult:
     clients: int
     transactions: int
     synchronous_commit: str
+    subject: str = "watermark"
 
     def pair(self, shape: str) -> tuple[InsertFigure, InsertFigure] | None:
         """(with, without) of one shape."""
@@ -114,6 +118,28 @@ class IngestResult:
         if "with" not in found or "without" not in found:
             return None
         return found["with"], found["without"]
+
+
+#: The covering index of users' windows and its rest index, as migration 0052 creates them.
+WINDOW_INDEXES = ("audience_events_user_window_idx", "audience_events_user_window_rest_idx")
+
+
+def window_indexes(dsn: str) -> list[str]:
+    """Which of the two window indexes exist in the database at ``dsn``."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT 'index ' || relname FROM pg_class WHERE relkind = 'i' AND relname = ANY(%s)"
+            " ORDER BY relname",
+            (list(WINDOW_INDEXES),),
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def drop_window_indexes(dsn: str) -> None:
+    """Drop the two window indexes (a no-op where they are absent)."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        for name in WINDOW_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
 
 
 def watermark_objects(dsn: str) -> list[str]:
@@ -139,6 +165,19 @@ def drop_watermark(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
         for statement in DROP_WATERMARK:
             conn.execute(statement)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Objects whose cost to inserts is measured: how to list them and how to drop them."""
+
+    key: str
+    objects: Callable[[str], list[str]]
+    drop: Callable[[str], None]
+
+
+WATERMARK = Subject("watermark", watermark_objects, drop_watermark)
+WINDOW_INDEX = Subject("window_index", window_indexes, drop_window_indexes)
 
 
 def write_copy_file(path: Path, rows: int, *, until: datetime, seed: int) -> None:
@@ -205,14 +244,15 @@ def measure(
     copy_rows: int = 100_000,
     until: datetime,
     seed: int,
+    subject: Subject = WATERMARK,
 ) -> IngestResult:
-    """Measure both ingest shapes on both copies, alternately; drops the watermark of ``without``.
+    """Measure both ingest shapes on both copies, alternately; drops ``subject`` from ``without``.
 
     Args:
         with_dsn, without_dsn: two copies of the same migrated, loaded database.
     """
-    present = watermark_objects(with_dsn)
-    drop_watermark(without_dsn)
+    present = subject.objects(with_dsn)
+    subject.drop(without_dsn)
     script = workdir / "insert_one.sql"
     script.write_text(INSERT_SCRIPT)
     data = workdir / "events.csv"
@@ -256,4 +296,5 @@ def measure(
         clients=clients,
         transactions=total,
         synchronous_commit=str(row[0]) if row else "?",
+        subject=subject.key,
     )

@@ -369,17 +369,65 @@ def write_path_table(results: list[ScaleResult]) -> str:
     return "\n".join(lines)
 
 
-def inserts_table(results: list[ScaleResult]) -> str:
-    """The watermark's cost to the application's inserts, with and without it."""
-    measured = [r for r in results if r.inserts is not None]
+_DROPPED = {
+    "watermark": (
+        "the watermark",
+        "the watermark's objects dropped (`ingest_xid` column, its partial index, the after"
+        " UPDATE / after DELETE triggers)",
+        "none (this checkout has no watermark yet)",
+    ),
+    "window_index": (
+        "the covering window index",
+        "the two window indexes of migration 0052 dropped (`audience_events_user_window_idx`,"
+        " `audience_events_user_window_rest_idx`)",
+        "none (this checkout has no covering window index)",
+    ),
+}
+
+
+def index_sizes(results: list[ScaleResult]) -> str:
+    """The covering window index's size against its table's, per scale (one sentence)."""
+    parts = []
+    for r in results:
+        table = r.relation_sizes.get("audience_events")
+        index = r.relation_sizes.get("audience_events_user_window_idx")
+        if not table or index is None:
+            continue
+        rest = r.relation_sizes.get("audience_events_user_window_rest_idx", 0)
+        others = sum(
+            size
+            for name, size in r.relation_sizes.items()
+            if name not in ("audience_events", *ingest.WINDOW_INDEXES)
+        )
+        parts.append(
+            f"at {r.scale}, {index / 2**20:,.0f} MiB (rest index {rest / 2**20:,.1f} MiB) beside"
+            f" {table / 2**20:,.0f} MiB of table and {others / 2**20:,.0f} MiB of its other"
+            f" indexes ({index / table:.0%} of the table)"
+        )
+    return ("; ".join(parts) + ".") if parts else "not measured in this run."
+
+
+def inserts_table(results: list[ScaleResult], subject: str = "watermark") -> str:
+    """What ``subject`` (the watermark, or the covering window index) costs the application's
+    inserts, with and without it."""
+    measured = [
+        inserts
+        for r in results
+        for inserts in ((r.inserts if subject == "watermark" else r.index_inserts),)
+        if inserts is not None
+    ]
+    scales = [
+        r.scale
+        for r in results
+        if (r.inserts if subject == "watermark" else r.index_inserts) is not None
+    ]
     if not measured:
         return f"Not measured in this run (measured at {', '.join(INGEST_SCALES)} only)."
-    first = measured[0].inserts
-    assert first is not None
+    first = measured[0]
+    name, dropped, absent = _DROPPED[subject]
     lines = [
-        "Two copies of the loaded database: as migrated (with the watermark) and with exactly"
-        " the watermark's objects dropped (`ingest_xid` column, its partial index, the after"
-        " UPDATE / after DELETE triggers), measured alternately. Single-row inserts:"
+        f"Two copies of the loaded database: as migrated (with {name}) and with exactly"
+        f" {dropped}, measured alternately. Single-row inserts:"
         f" `pgbench` running one `INSERT` per transaction on {first.clients} clients as"
         f" `service_role` (synchronous_commit {first.synchronous_commit}: every commit waits for"
         f" its WAL flush), in {ingest.ROUNDS} rounds per run taking turns between the copies, rows"
@@ -388,15 +436,13 @@ def inserts_table(results: list[ScaleResult]) -> str:
         " in one transaction as the connecting superuser (PostgreSQL refuses COPY FROM where"
         " row-level security applies), timed as a whole process. Medians of the runs.",
         "",
-        "| scale | inserts | rows per run | with watermark rows/s | without rows/s"
-        " | with / without | watermark objects present |",
+        f"| scale | inserts | rows per run | with {subject.replace('_', ' ')} rows/s"
+        " | without rows/s | with / without | objects present |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     labels = {"single": "single-row INSERT, 1 per transaction", "copy": "COPY, 1 transaction"}
-    for result in measured:
-        inserts = result.inserts
-        assert inserts is not None
-        present = ", ".join(inserts.present) or "none (this checkout has no watermark yet)"
+    for scale, inserts in zip(scales, measured, strict=True):
+        present = ", ".join(inserts.present) or absent
         for shape, label in labels.items():
             pair = inserts.pair(shape)
             if pair is None:
@@ -409,7 +455,7 @@ def inserts_table(results: list[ScaleResult]) -> str:
                 else f"{relative:.2f} ({(1 / relative - 1) * 100:+.0f} % time per row)"
             )
             lines.append(
-                f"| {result.scale} | {label} | {w.rows:,} | {w.median_rate:,.0f}"
+                f"| {scale} | {label} | {w.rows:,} | {w.median_rate:,.0f}"
                 f" | {wo.median_rate:,.0f} | {cost} | {_cell(present)} |"
             )
     return "\n".join(lines)
@@ -584,6 +630,15 @@ time widens the spread between min and max and raises the medians of every case 
 
 {inserts_table(results)}
 
+## The covering window index's cost to the application's inserts
+
+Incremental, `--user` and watch runs read their users' windows by index alone (migration 0052:
+`audience_events_user_window_idx`, holding the usual rows' columns, and a small rest index for rows
+too large for an index tuple). Its cost is another index maintained on every insert, and disk:
+{index_sizes(results)}
+
+{inserts_table(results, "window_index")}
+
 ## Reading listed users' windows (`--user`, incremental candidates)
 
 In this process, on the work database after (d): `read_inputs` of N users chosen with a fixed seed
@@ -630,7 +685,9 @@ debounce, the watcher's "anything new" probe and one incremental run; not the in
   (derive.io.read.EVENTS_WINDOW_SQL) TO STDOUT (FORMAT binary)"` with stdout on /dev/null, timed
   as a whole process (connection included, like the job's wall time): the least any job reading
   that window can cost. The bounds are session settings read by `current_setting(...)`, as the job
-  sets them, so the plan is the job's; JIT is off, as in the job's read. (b') is the same COPY
+  sets them, so the plan is the job's; JIT is off, as in the job's read. One untimed pass comes
+  first: the work database is a fresh file copy, and its first scan would also time filling the
+  page cache, which the job's runs never pay. (b') is the same COPY
   streamed to psycopg and discarded, the floor this harness used before: kept for comparison,
   no ratio uses it.
 - (c) `derive run --as-of ... --lookback {LOOKBACK_TEXT} --json` on a fresh copy of the loaded

@@ -307,6 +307,30 @@ def test_drop_watermark_removes_exactly_its_objects_and_tolerates_their_absence(
     assert others  # the notify trigger and the window's indexes are still there
 
 
+def test_drop_window_indexes_removes_exactly_them(dsn: str, pg: psycopg.Connection) -> None:
+    # Arrange
+    indexes = (
+        "SELECT relname FROM pg_class WHERE relkind = 'i' AND relname LIKE 'audience_events%'"
+        " ORDER BY 1"
+    )
+    everything = [r[0] for r in pg.execute(indexes).fetchall()]
+
+    # Act
+    before = ingest.WINDOW_INDEX.objects(dsn)
+    ingest.WINDOW_INDEX.drop(dsn)
+    after = ingest.WINDOW_INDEX.objects(dsn)
+    ingest.WINDOW_INDEX.drop(dsn)  # again: nothing left to drop, no error
+
+    # Assert
+    assert before == [
+        "index audience_events_user_window_idx",
+        "index audience_events_user_window_rest_idx",
+    ]
+    assert after == []
+    left = [r[0] for r in pg.execute(indexes).fetchall()]
+    assert left == [name for name in everything if name not in ingest.WINDOW_INDEXES]
+
+
 def test_insert_overhead_runs_both_shapes_on_both_copies(
     dsn: str, second_dsn: str, pg: psycopg.Connection, tmp_path: Path
 ) -> None:
@@ -552,6 +576,23 @@ def test_readme_renders_the_new_sections() -> None:
         transactions=4_000,
         synchronous_commit="on",
     )
+    result.index_inserts = ingest.IngestResult(
+        figures=[
+            ingest.InsertFigure("copy", "with", 100_000, [2.0], [50_000.0]),
+            ingest.InsertFigure("copy", "without", 100_000, [1.0], [100_000.0]),
+        ],
+        present=["index audience_events_user_window_idx"],
+        clients=2,
+        transactions=4_000,
+        synchronous_commit="on",
+        subject="window_index",
+    )
+    result.relation_sizes = {
+        "audience_events": 400 * 2**20,
+        "audience_events_user_window_idx": 300 * 2**20,
+        "audience_events_user_window_rest_idx": 2**19,
+        "audience_events_pkey": 100 * 2**20,
+    }
 
     # Act
     text = report.render([result], _env(), command="python -m benchmarks run --scale S", repeat=1)
@@ -568,6 +609,14 @@ def test_readme_renders_the_new_sections() -> None:
     assert (
         "| S | single-row INSERT, 1 per transaction | 4,000 | 900 | 1,000 | 0.90 (+11 % time per row)"
         " | column ingest_xid |" in text
+    )
+    assert (
+        "| S | COPY, 1 transaction | 100,000 | 50,000 | 100,000 | 0.50 (+100 % time per row)"
+        " | index audience_events_user_window_idx |" in text
+    )
+    assert (
+        "at S, 300 MiB (rest index 0.5 MiB) beside 400 MiB of table and 100 MiB of its other"
+        " indexes (75% of the table)." in text
     )
     assert "## Incremental runs: (f) and (g)" in text
 
