@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -264,14 +265,26 @@ def _users_read(
     users: Sequence[str],
     plan: Plan,
 ) -> Inputs:
-    """The windows of listed users (``--user``) or of the candidates (incremental), one snapshot."""
+    """The windows of listed users (``--user``) or of the candidates (incremental), one snapshot.
+
+    Off a pooler, a sibling connection sharing the snapshot starts at once: an incremental run's
+    sibling counts the stored states while this connection finds the candidates, then both read
+    half of the listed users' windows (see :class:`_ListedRead`).
+    """
     parallel = not db.proxied()  # behind a pooler, one transaction at a time (see _full_read)
+    incremental_run = plan.mode == "incremental"
+
+    def bind(conn: Db) -> None:
+        read.set_window(conn, as_of=as_of, lookback=lookback, relog_after=rules.relog_after)
+
     exported = read.begin_snapshot(db)
+    listed_read: _ListedRead | None = None
     try:
-        read.set_window(db, as_of=as_of, lookback=lookback, relog_after=rules.relog_after)
+        bind(db)
+        if parallel and (incremental_run or len(users) >= SPLIT_READ_USERS):
+            listed_read = _ListedRead(db, exported=exported, bind=bind, counts=incremental_run)
         snapshot = incremental.read_snapshot(db)
         candidates: dict[str, int] = {}
-        incremental_run = plan.mode == "incremental"
         stored_users = read.estimate_states(db)
         upto = 0
         if incremental_run:
@@ -288,6 +301,8 @@ def _users_read(
             ids = found.get_column("user_id").unique().sort()
             candidates = _count_reasons(found, total=ids.len())
             if ids.len() > FULL_READ_SHARE * max(stored_users, 1):
+                if listed_read is not None:
+                    listed_read.cancel()
                 db.rollback()
                 inputs = _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
                 inputs.candidates = candidates | {"read_whole_window": 1}
@@ -298,19 +313,16 @@ def _users_read(
                 "user_id", sorted({bytes.fromhex(u.replace("-", "")) for u in users}), pl.Binary
             )
             listed = [u.hex() for u in ids.to_list()]
-        events, stored, state_counts = _read_listed(
-            db,
-            listed,
-            exported=exported,
-            bind=lambda conn: read.set_window(
-                conn, as_of=as_of, lookback=lookback, relog_after=rules.relog_after
-            ),
-            with_counts=incremental_run,
-            parallel=parallel,
-            stored_users=stored_users,
-        )
+        lookups = len(listed) <= LOOKUP_SHARE * stored_users
+        if listed_read is None:
+            events, stored = _read_part(db, listed, lookups=lookups)
+            state_counts = read.read_state_counts(db) if incremental_run else None
+        else:
+            events, stored, state_counts = listed_read.read(listed, lookups=lookups)
         recent = read.read_recent_rejections(db)
     finally:
+        if listed_read is not None:
+            listed_read.cancel()
         db.rollback()
     # Counted by full runs only: each is a range scan over the whole window.
     side: dict[str, int | None] = dict.fromkeys(("anonymous", "future", "system_rows_malformed"))
@@ -328,60 +340,79 @@ def _users_read(
 
 
 #: Listed users from which their windows are read in two halves on two connections (sharing one
-#: snapshot): the read is random heap access, one page per event, and the second backend runs on
-#: the second core. (Measured at M, 1,170 users / 47k rows: 0.17 s -> 0.10 s.) Below it, the
-#: second connection costs more than it saves.
+#: snapshot): each half is one index range scan per user, and the second backend runs on the
+#: second core. (Measured at M, 1,170 users / 47k rows: 0.17 s -> 0.10 s; at L, 11.9k users:
+#: 1.5 s -> 0.9 s.) Below it, the second half costs more than it saves.
 SPLIT_READ_USERS = 64
+
 #: Listed users, as a share of the stored ones, up to which their windows are read by index
 #: lookups per user (see :func:`derive.io.read.prefer_lookups`).
 LOOKUP_SHARE = 0.25
 
 
-def _read_listed(
-    db: Db,
-    listed: list[str],
-    *,
-    exported: str,
-    bind: Callable[[Db], None],
-    with_counts: bool,
-    parallel: bool,
-    stored_users: int,
-) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
-    """Events and stored states of ``listed`` (hex uuids, sorted) in ``db``'s open snapshot, and
-    the whole table's state distribution when ``with_counts``.
+def _read_part(conn: Db, chunk: list[str], *, lookups: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Events and stored states of ``chunk`` (hex uuids) in ``conn``'s open snapshot.
 
-    Up to ``LOOKUP_SHARE`` of the ``stored_users`` the reads are index lookups per user whatever
-    the planner estimates; beyond it, the planner's choice (a scan is then cheaper).
+    With ``lookups`` the reads are index lookups per user whatever the planner estimates;
+    without, the planner's choice (a scan is then cheaper).
     """
-    lookups = len(listed) <= LOOKUP_SHARE * stored_users
+    if not chunk:
+        return empty(EVENTS), empty(STORED_STATES)
+    if lookups:
+        read.prefer_lookups(conn)
+    conn.set_local(users=",".join(chunk))
+    return read.read_events(conn, users=chunk), read.read_states(conn, users=chunk)
 
-    def part(conn: Db, chunk: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-        if not chunk:
-            return empty(EVENTS), empty(STORED_STATES)
-        if lookups:
-            read.prefer_lookups(conn)
-        conn.set_local(users=",".join(chunk))
-        return read.read_events(conn, users=chunk), read.read_states(conn, users=chunk)
 
-    if not parallel or len(listed) < SPLIT_READ_USERS:
-        events, stored = part(db, listed)
-        return events, stored, read.read_state_counts(db) if with_counts else None
+class _ListedRead:
+    """A sibling connection, started before the users to read are known.
 
-    half = len(listed) // 2
+    It counts the stored states first (``counts``: the whole table's distribution, a scan that
+    would otherwise follow the listed reads), then waits for its half of the users
+    (:meth:`read`). :meth:`cancel` releases a sibling still waiting (a run that reads the whole
+    window instead, or an error) and waits for its thread; it is safe to call more than once.
+    """
 
-    def second_half(conn: Db) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
-        events, stored = part(conn, listed[half:])
-        return events, stored, read.read_state_counts(conn) if with_counts else None
+    def __init__(self, db: Db, *, exported: str, bind: Callable[[Db], None], counts: bool) -> None:
+        self._db = db
+        self._handoff: queue.Queue[tuple[list[str], bool] | None] = queue.Queue(maxsize=1)
+        self._sent = False
 
-    job = SiblingRead(db, exported=exported, bind=bind, work=second_half)
-    with job.joined():
-        first_events, first_stored = part(db, listed[:half])
-    second_events, second_stored, counts = job.result()
-    return (
-        pl.concat([first_events, second_events]),
-        pl.concat([first_stored, second_stored]),
-        counts,
-    )
+        def work(conn: Db) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
+            state_counts = read.read_state_counts(conn) if counts else None
+            job = self._handoff.get()
+            if job is None:
+                return empty(EVENTS), empty(STORED_STATES), state_counts
+            chunk, lookups = job
+            return (*_read_part(conn, chunk, lookups=lookups), state_counts)
+
+        self._job = SiblingRead(db, exported=exported, bind=bind, work=work)
+
+    def _send(self, job: tuple[list[str], bool] | None) -> None:
+        if not self._sent:
+            self._sent = True
+            self._handoff.put(job)
+
+    def read(
+        self, listed: list[str], *, lookups: bool
+    ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int] | None]:
+        """Events, stored states and the sibling's counts; the sibling reads the second half
+        from ``SPLIT_READ_USERS`` listed users on, nothing below."""
+        half = len(listed) // 2 if len(listed) >= SPLIT_READ_USERS else len(listed)
+        self._send((listed[half:], lookups))
+        with self._job.joined():
+            first_events, first_stored = _read_part(self._db, listed[:half], lookups=lookups)
+        second_events, second_stored, counts = self._job.result()
+        return (
+            pl.concat([first_events, second_events]),
+            pl.concat([first_stored, second_stored]),
+            counts,
+        )
+
+    def cancel(self) -> None:
+        self._send(None)
+        with suppress(BaseException):
+            self._job.result()
 
 
 def _count_reasons(found: pl.DataFrame, *, total: int) -> dict[str, int]:

@@ -440,6 +440,32 @@ def test_an_incremental_run_with_nothing_new_writes_nothing(
     assert report.after == report.before
 
 
+def test_too_many_candidates_read_the_whole_window_and_release_the_waiting_sibling(
+    pair: tuple[str, str, psycopg.Connection, psycopg.Connection],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    both(pair, [*engaged_user(1), *engaged_user(2)])
+    step(pair, AS_OF)
+    both(pair, [event(1, "content_share", "advocacy", ago=timedelta(minutes=5))])
+    monkeypatch.setattr(derivation, "FULL_READ_SHARE", 0.0)  # any candidate is too many
+
+    step(pair, AS_OF + timedelta(minutes=15))
+
+    counts = (
+        pair[2]
+        .execute(
+            "SELECT counts -> 'candidates' FROM derivation_runs WHERE status = 'succeeded'"
+            " ORDER BY started_at DESC LIMIT 1"
+        )
+        .fetchone()
+    )
+    assert counts is not None
+    assert counts[0]["read_whole_window"] == 1
+    assert counts[0]["total"] == 1
+    # The sibling started before the candidates were known was told to stop, not left waiting.
+    assert not [t for t in threading.enumerate() if t.name == "derive-sibling-read"]
+
+
 # -- when a run is full, and why -------------------------------------------------------------------
 
 
