@@ -22,7 +22,9 @@ _pending = threading.Event()
 
 
 def _raise_pending() -> None:
-    if _pending.is_set():
+    # Only the main thread: KeyboardInterrupt belongs there (a reader thread's error could be
+    # set aside by its caller, and the interrupt with it).
+    if _pending.is_set() and threading.current_thread() is threading.main_thread():
         _pending.clear()
         raise KeyboardInterrupt
 
@@ -35,7 +37,11 @@ def _wrap(blocking: Callable[..., Any]) -> Callable[..., Any]:
             _pending.set()
             cancel()
 
-        result = blocking(func, args, kwargs, cancel_and_remember)
+        try:
+            result = blocking(func, args, kwargs, cancel_and_remember)
+        except BaseException:
+            _pending.clear()  # the interrupt surfaced as this error (query_canceled, or itself)
+            raise
         _raise_pending()
         return result
 

@@ -61,3 +61,32 @@ def test_a_cancel_that_lands_after_its_call_returned_interrupts_the_next_call() 
     with pytest.raises(KeyboardInterrupt):
         call(None, (), {}, lambda: None)
     assert call(None, (), {}, lambda: None) == "first"  # raised once, then calls go on
+
+
+def test_a_cancel_that_stopped_its_statement_is_not_raised_again() -> None:
+    def cancelled(func: object, args: object, kwargs: object, cancel: object) -> str:
+        cancel()  # type: ignore[operator]
+        raise RuntimeError("canceling statement due to user request")
+
+    call = _wrap(cancelled)
+    with pytest.raises(RuntimeError):
+        call(None, (), {}, lambda: None)
+
+    assert _wrap(lambda *_: "next")(None, (), {}, lambda: None) == "next"
+
+
+def test_a_reader_thread_leaves_the_interrupt_to_the_main_thread() -> None:
+    import threading
+
+    late: list[object] = []
+    call = _wrap(lambda f, a, k, cancel: late.append(cancel) or "done")
+    call(None, (), {}, lambda: None)
+    late[0]()  # type: ignore[operator]
+    seen: list[object] = []
+    reader = threading.Thread(target=lambda: seen.append(call(None, (), {}, lambda: None)))
+    reader.start()
+    reader.join()
+
+    assert seen == ["done"]
+    with pytest.raises(KeyboardInterrupt):
+        call(None, (), {}, lambda: None)
