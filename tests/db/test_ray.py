@@ -35,7 +35,7 @@ from derive.jobs.executor import LocalExecutor, RayExecutor
 from tests.cli import derive
 from tests.db.helpers import AS_OF, insert_events, run
 from tests.db.test_incremental import SMALL_SPIKES, _reset, derived_tables
-from tests.db.test_shards import _rows, histories
+from tests.db.test_shards import USERS, _rows, histories
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -140,6 +140,9 @@ def test_ray_backfill_stores_what_a_local_backfill_stores(
     with psycopg.connect(dsn, autocommit=True) as pg:
         _reset(pg)
         as_of = AS_OF - timedelta(days=8)
+        # One engaged user in every example, so that each stored point has a row to compare even
+        # when the drawn history holds only rows that derive nothing (an unknown category, say).
+        insert_events(pg, _rows([(USERS[len(USERS) // 2], 0, -timedelta(days=2), "s1", 1)], as_of))
         for batch, advance in history:
             insert_events(pg, _rows(batch, as_of))
             as_of += advance
