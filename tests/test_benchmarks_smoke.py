@@ -244,9 +244,9 @@ def test_psql_floor_failure_names_the_step(dsn: str) -> None:
         harness.psql_floor(dsn, "SELECT * FROM no_such_table", as_of=AS_OF, output=os.devnull)
 
 
-def _ensure_watermark(pg: psycopg.Connection) -> None:
+def _ensure_watermark(dsn: str, pg: psycopg.Connection) -> None:
     """Migration 0007's watermark objects, created here when this checkout predates it."""
-    if len(ingest.watermark_objects(_dsn_of(pg))) == 4:
+    if len(ingest.watermark_objects(dsn)) == 4:
         return
     pg.execute(
         "ALTER TABLE audience_events"
@@ -267,11 +267,6 @@ def _ensure_watermark(pg: psycopg.Connection) -> None:
         )
 
 
-def _dsn_of(pg: psycopg.Connection) -> str:
-    info = pg.info
-    return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
-
-
 def _other_objects(pg: psycopg.Connection) -> list[str]:
     rows = pg.execute(
         "SELECT relname FROM pg_class WHERE relkind = 'i' AND relname LIKE 'audience_events%'"
@@ -286,7 +281,7 @@ def test_drop_watermark_removes_exactly_its_objects_and_tolerates_their_absence(
     dsn: str, pg: psycopg.Connection
 ) -> None:
     # Arrange
-    _ensure_watermark(pg)
+    _ensure_watermark(dsn, pg)
     others = _other_objects(pg)
 
     # Act
@@ -335,7 +330,7 @@ def test_insert_overhead_runs_both_shapes_on_both_copies(
     dsn: str, second_dsn: str, pg: psycopg.Connection, tmp_path: Path
 ) -> None:
     # Arrange
-    _ensure_watermark(pg)
+    _ensure_watermark(dsn, pg)
 
     # Act
     result = ingest.measure(

@@ -11,10 +11,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pytest
 
+from derive.io.connect import redact, without_password
 from tests.cli import derive
 
 
@@ -49,7 +51,10 @@ def test_a_never_migrated_database_says_to_run_db_migrate(
 
     assert result.returncode == 1
     assert "never migrated" in result.stderr
-    assert f"run `derive db migrate --dsn {empty_dsn}`" in result.stderr
+    # The command to run, with the password (if the DSN has one) never shown.
+    assert f"run `derive db migrate --dsn {shlex.quote(redact(empty_dsn))}`" in result.stderr
+    password = urlsplit(empty_dsn).password
+    assert not password or password not in result.stderr
     assert "relation" not in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -226,12 +231,19 @@ def test_the_demo_prints_the_next_commands_with_its_dsn(empty_dsn: str) -> None:
     demo = derive("demo", "--users", "50", "--dsn", empty_dsn)
     lines = [line.strip() for line in demo.stdout.splitlines()]
     status_line = next(line for line in lines if line.startswith("derive status"))
+    # A password is never printed; the commands run as printed once PGPASSWORD holds it.
+    password = urlsplit(empty_dsn).password
+    shown = shlex.quote(without_password(empty_dsn))
 
-    status = derive(*shlex.split(status_line)[1:])
+    status = derive(
+        *shlex.split(status_line)[1:], env={"PGPASSWORD": unquote(password)} if password else None
+    )
 
     assert demo.returncode == 0, demo.stderr
-    assert f"derive report --out report.html --dsn {empty_dsn}" in lines
-    assert f"derive run --dsn {empty_dsn}" in lines
+    assert f"derive report --out report.html --dsn {shown}" in lines
+    assert f"derive run --dsn {shown}" in lines
+    assert not password or password not in demo.stdout
+    assert ("PGPASSWORD" in demo.stdout) == bool(password)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "healthy" in status.stdout
     assert "succeeded" in status.stdout

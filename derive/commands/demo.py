@@ -140,7 +140,7 @@ def print_next_steps(dsn: str, *, embedded: bool) -> None:
     from urllib.parse import urlsplit
 
     from derive.config import derive_home
-    from derive.io.connect import redact
+    from derive.io.connect import redact, without_password
     from derive.io.embedded import PASSWORD_FILE
 
     shown = shlex.quote(redact(dsn))
@@ -161,6 +161,15 @@ def print_next_steps(dsn: str, *, embedded: bool) -> None:
     elif os.environ.get("DERIVE_DSN") == dsn:
         out.print("\nDERIVE_DSN names the demo's database; next, run", markup=False)
         lines = list(NEXT_COMMANDS)
+    elif without_password(dsn) != dsn:
+        # Runnable as printed without echoing the password: libpq reads it from the environment.
+        out.print(
+            "\nNext, on the demo's database (its password is not shown: set PGPASSWORD, or put it"
+            " in ~/.pgpass, for these commands):",
+            markup=False,
+        )
+        bare = shlex.quote(without_password(dsn))
+        lines = [f"{command} --dsn {bare}" for command in NEXT_COMMANDS]
     else:
         out.print("\nNext, on the demo's database:", markup=False)
         lines = [f"{command} --dsn {shown}" for command in NEXT_COMMANDS]

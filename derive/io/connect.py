@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import polars as pl
 import pyarrow as pa
@@ -26,6 +26,21 @@ _PASSWORD_URL = re.compile(r"(://[^:/@]+:)([^@]*)(@)")
 def redact(text: str) -> str:
     """Remove passwords from a DSN or from a driver message that quotes one."""
     return _PASSWORD_KV.sub(r"\1***", _PASSWORD_URL.sub(r"\1***\3", text))
+
+
+def without_password(dsn: str) -> str:
+    """The DSN with its password left out (libpq then takes it from PGPASSWORD or ~/.pgpass)."""
+    if "://" not in dsn:
+        return " ".join(_PASSWORD_KV.sub("", dsn).split())
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
+    query = urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"]
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def describe_dsn(dsn: str) -> str:

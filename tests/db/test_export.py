@@ -163,10 +163,11 @@ def test_a_non_empty_directory_is_refused_unless_forced(
 def tenant_dsn(dsn: str, pg: psycopg.Connection, people: People) -> Iterator[str]:
     """A login role in ``authenticated`` whose session says it is tenant A (app.user_id)."""
     role = f"tenant_{uuid.uuid4().hex[:12]}"
-    pg.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE authenticated')
+    secret = uuid.uuid4().hex
+    pg.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{secret}' IN ROLE authenticated")
     parts = urlsplit(dsn)
     options = quote(f"-c app.user_id={people.a}")
-    netloc = f"{role}@{parts.hostname}:{parts.port or 5432}"
+    netloc = f"{role}:{secret}@{parts.hostname}:{parts.port or 5432}"
     try:
         yield urlunsplit(parts._replace(netloc=netloc, query=f"options={options}"))
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 
@@ -25,10 +25,11 @@ WHEN = AS_OF.isoformat()
 def _key_value(dsn: str) -> str:
     """The same database as a key=value DSN (another spelling of one server)."""
     parts = urlsplit(dsn)
-    return (
+    spelled = (
         f"host={parts.hostname} port={parts.port or 5432} dbname={parts.path.lstrip('/')}"
         f" user={parts.username}"
     )
+    return spelled + (f" password={unquote(parts.password)}" if parts.password else "")
 
 
 def test_a_read_dsn_that_refuses_connections_fails_naming_it(dsn: str) -> None:

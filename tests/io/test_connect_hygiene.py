@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from derive.io.connect import connect, with_application_name
+from derive.io.connect import connect, with_application_name, without_password
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,21 @@ from derive.io.connect import connect, with_application_name
 )
 def test_application_name_is_added_unless_named(dsn: str, expected: str) -> None:
     assert with_application_name(dsn) == expected
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        ("postgresql://u:s%40cret@h:6543/db", "postgresql://u@h:6543/db"),
+        ("postgresql://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("postgresql://u@h/db?password=x&sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("postgresql://h/db", "postgresql://h/db"),
+        ("host=h password = x user=u", "host=h user=u"),
+        ("host=h dbname=password_log", "host=h dbname=password_log"),
+    ],
+)
+def test_a_printed_dsn_loses_only_its_password(dsn: str, expected: str) -> None:
+    assert without_password(dsn) == expected
 
 
 def test_a_dsn_with_sslmode_disable_connects_as_derive(dsn: str) -> None:
