@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -401,3 +404,23 @@ def test_a_bad_memory_size_names_the_value_and_the_forms(text: str) -> None:
     with pytest.raises(UsageError, match="use a positive number followed by a unit") as raised:
         parse_size(text)
     assert repr(text) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"), [({}, "in-memory"), ({"POLARS_ENGINE_AFFINITY": "streaming"}, "streaming")]
+)
+def test_importing_derive_picks_polars_in_memory_engine_unless_the_user_chose(
+    env: dict[str, str], expected: str
+) -> None:
+    # The streaming engine's fixed cost per query dominated an incremental run's compute.
+    probe = "import derive, polars; print(polars.Config.state()['POLARS_ENGINE_AFFINITY'])"
+    clean = {k: v for k, v in os.environ.items() if k != "POLARS_ENGINE_AFFINITY"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
