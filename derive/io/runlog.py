@@ -63,6 +63,9 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
     lost: threading.Event = field(default_factory=threading.Event)
+    #: The last pending SQL request this run serves (``derive_requests.id``), once it has read;
+    #: 0 when it serves none. A failed run marks them ``failed`` with its error.
+    requests_upto: int = 0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -205,7 +208,7 @@ def job_run(
         except SourceError as exc:
             lost = not run.finished and not _lease_alive(db, run)
             if not run.finished:
-                _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000])
+                _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000], requests=True)
             if lost:
                 raise LeaseLost(
                     f"this `{job}` run ({run.run_id}) lost its lease on {db.label} before it"
@@ -217,7 +220,12 @@ def job_run(
                     f" (Supabase: port 5432). ({exc})"
                 ) from exc
             raise
+        except Exception as exc:
+            if not run.finished:
+                _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000], requests=True)
+            raise
         except BaseException as exc:
+            # Ctrl-C or an exit: the run failed, its requests did not (the next run serves them).
             if not run.finished:
                 _finish_failed(db, run, f"{type(exc).__name__}: {exc}"[:2000])
             raise
@@ -246,7 +254,20 @@ def _lease_alive(db: Db, run: Run) -> bool:
     return alive is None or bool(alive)
 
 
-def _finish_failed(db: Db, run: Run, error: str) -> None:
-    # The connection may be gone; the lease then expires and the next run marks the row failed.
+_FAIL_REQUESTS = """
+UPDATE derive_requests
+   SET status = 'failed', run_id = $1::uuid, error = $2, finished_at = clock_timestamp()
+ WHERE status = 'pending' AND id <= $3
+"""
+
+
+def _finish_failed(db: Db, run: Run, error: str, *, requests: bool = False) -> None:
+    """Record the run as failed and, with ``requests``, the SQL requests it served as failed.
+
+    The connection may be gone; the lease then expires and the next run marks the row failed
+    (and serves the requests, which stay pending).
+    """
     with suppress(Exception), db.transaction(role="service_role"):
         _finish_statement(db, run, "failed", error)
+        if requests and run.requests_upto:
+            db.execute(_FAIL_REQUESTS, (run.run_id, error, run.requests_upto))

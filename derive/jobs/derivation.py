@@ -809,6 +809,8 @@ def run_derivation(
             inputs = read_inputs(
                 db, as_of=as_of, lookback=lookback, rules=rules, users=users, plan=plan
             )
+        if not dry_run and plan.mode != "users":
+            run.requests_upto = inputs.requests_upto  # failed with the run if it fails
         with run.phase("compute"):
             result = derive_states(
                 inputs.events, inputs.stored, inputs.recent, as_of=as_of, rules=rules
@@ -886,6 +888,8 @@ def _sharded_run(
         inputs = _open_sharded_read(
             db, as_of=as_of, lookback=lookback, rules=rules, read_dsn=read_dsn
         )
+    if not dry_run:
+        run.requests_upto = inputs.requests_upto  # failed with the run if it fails
     shard_counts = sharding.as_dict() | {"executor": executor.name if executor else "local"}
     run.extra = {
         "mode": plan.mode,

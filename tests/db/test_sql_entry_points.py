@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from derive.errors import DeriveError
 from tests.db import test_watch
 from tests.db.helpers import engaged_user, insert_events, run, uid
 from tests.db.test_watch import Watch, wait_for_state
@@ -199,3 +200,38 @@ def test_a_request_wakes_a_listener(dsn: str, pg: psycopg.Connection) -> None:
         as_service_role(pg, f"derive_audience_state('{uid(7)}')")
         got = list(listener.notifies(timeout=5, stop_after=1))
     assert [n.payload for n in got] == [""]
+
+
+def test_a_run_that_fails_marks_its_requests_failed_with_its_error(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    # Arrange: a base run, then a request, and a write transaction that the server refuses.
+    insert_events(pg, engaged_user(0xC1))
+    run(dsn)
+    failing = as_service_role(pg, f"derive_audience_state('{uuid.UUID(int=0xC1)}')")
+    pg.execute(
+        "CREATE FUNCTION refuse_serving() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF NEW.status = 'done' THEN RAISE EXCEPTION 'disk quota exceeded (test)'; END IF;"
+        " RETURN NEW; END $$"
+    )
+    pg.execute(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON derive_requests"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_serving()"
+    )
+
+    # Act
+    with pytest.raises(DeriveError, match="disk quota exceeded"):
+        run(dsn)
+    pg.execute("DROP TRIGGER refuse ON derive_requests")
+    later = as_service_role(pg, f"derive_audience_state('{uuid.UUID(int=0xC1)}')")
+    run(dsn)
+
+    # Assert: the failed run's request carries that run and its error; a new one is served.
+    status, run_id, error = request(pg, int(failing))  # type: ignore[call-overload]
+    failed = pg.execute(
+        "SELECT run_id FROM derivation_runs WHERE job = 'derive' AND status = 'failed'"
+    ).fetchall()
+    assert (status, [(run_id,)]) == ("failed", failed)
+    assert error is not None
+    assert "disk quota exceeded (test)" in error
+    assert request(pg, int(later))[0] == "done"  # type: ignore[call-overload]
