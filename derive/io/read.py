@@ -284,6 +284,13 @@ SELECT 1 FROM audience_events
 """
 
 
+def estimate_window_rows(db: Db, *, window_start: datetime, as_of: datetime) -> int:
+    """The planner's estimate of the window's rows (planning only: no row is read)."""
+    plan = db.fetch_value(_WINDOW_ESTIMATE_SQL, (window_start, as_of))
+    parsed = json.loads(plan) if isinstance(plan, str) else plan
+    return int(parsed[0]["Plan"]["Plan Rows"])
+
+
 def estimate_window(db: Db, *, window_start: datetime, as_of: datetime) -> tuple[int, int]:
     """The planner's estimate of the window's rows, and the largest known user's exact rows.
 
@@ -291,9 +298,7 @@ def estimate_window(db: Db, *, window_start: datetime, as_of: datetime) -> tuple
     no statistics it is 0 (the run checks each shard's largest user as it reads it).
     """
     db.lift_timeouts()  # planning waits for locks; the exact counts read heavy users' rows
-    plan = db.fetch_value(_WINDOW_ESTIMATE_SQL, (window_start, as_of))
-    parsed = json.loads(plan) if isinstance(plan, str) else plan
-    rows = int(parsed[0]["Plan"]["Plan Rows"])
+    rows = estimate_window_rows(db, window_start=window_start, as_of=as_of)
     heavy = [str(u) for (u,) in db.fetch_all(_HEAVY_USERS_SQL)]
     largest = 0
     for user in heavy:

@@ -256,6 +256,32 @@ def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) ->
     return Inputs(events, stored, recent, counted, snapshot, requests_upto=upto)
 
 
+class _ReadInShards(Exception):
+    """An incremental run's candidates need more memory than one read may take."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _candidates_fit(
+    db: Db, *, users: int, stored_users: int, window_start: datetime, as_of: datetime, limit: int
+) -> str | None:
+    """``None`` when ``users`` candidates' windows fit one read under ``limit``, else why not.
+
+    Their rows are estimated as their share of the stored users times the planner's window
+    estimate (planning only), at the bytes per row a full run's shard plan assumes.
+    """
+    rows = read.estimate_window_rows(db, window_start=window_start, as_of=as_of)
+    need = math.ceil(users / max(stored_users, 1) * rows * BYTES_PER_ROW * SAFETY)
+    if need <= limit:
+        return None
+    return (
+        f"{users} candidates: their windows (~{_mib(need)}) exceed the memory limit"
+        f" ({_mib(limit)}), read in shards"
+    )
+
+
 def _users_read(
     db: Db,
     *,
@@ -264,6 +290,7 @@ def _users_read(
     rules: Rules,
     users: Sequence[str],
     plan: Plan,
+    memory_limit: int | None = None,
 ) -> Inputs:
     """The windows of listed users (``--user``) or of the candidates (incremental), one snapshot.
 
@@ -300,6 +327,16 @@ def _users_read(
             found = incremental.read_candidates(db)
             ids = found.get_column("user_id").unique().sort()
             candidates = _count_reasons(found, total=ids.len())
+            too_big = _candidates_fit(
+                db,
+                users=ids.len(),
+                stored_users=stored_users,
+                window_start=as_of - lookback,
+                as_of=as_of,
+                limit=memory_limit if memory_limit is not None else default_memory_limit(),
+            )
+            if too_big is not None:
+                raise _ReadInShards(too_big)  # the caller runs full, in shards
             if ids.len() > FULL_READ_SHARE * max(stored_users, 1):
                 if listed_read is not None:
                     listed_read.cancel()
@@ -433,12 +470,25 @@ def read_inputs(
     rules: Rules,
     users: Sequence[str] = (),
     plan: Plan | None = None,
+    memory_limit: int | None = None,
 ) -> Inputs:
-    """Everything a run of ``plan`` reads (default: a full run, or ``--user`` when users are given)."""
+    """Everything a run of ``plan`` reads (default: a full run, or ``--user`` when users are given).
+
+    Raises:
+        _ReadInShards: an incremental plan's candidates need more than ``memory_limit``.
+    """
     plan = plan or (Plan("users") if users else Plan("full", "--full"))
     if plan.mode == "full":
         return _full_read(db, as_of=as_of, lookback=lookback, rules=rules)
-    return _users_read(db, as_of=as_of, lookback=lookback, rules=rules, users=users, plan=plan)
+    return _users_read(
+        db,
+        as_of=as_of,
+        lookback=lookback,
+        rules=rules,
+        users=users,
+        plan=plan,
+        memory_limit=memory_limit,
+    )
 
 
 def _counts(d: Derivation, inputs: Inputs) -> dict[str, Any]:
@@ -787,28 +837,48 @@ def run_derivation(
         record=not dry_run,
     ) as run:
         plan = plan_run(db, as_of=as_of, lookback=lookback, rules=rules, users=users, full=full)
-        if plan.mode == "full":
+
+        def in_shards(plan: Plan) -> RunReport | None:
             sharding = plan_shards(
                 db, as_of=as_of, lookback=lookback, memory_limit=memory_limit, shards=shards
             )
-            if sharding.count > 1 or _distributed(executor, read_dsn):
-                report = _sharded_run(
+            if sharding.count == 1 and not _distributed(executor, read_dsn):
+                return None
+            return _sharded_run(
+                db,
+                run,
+                plan,
+                sharding,
+                as_of=as_of,
+                lookback=lookback,
+                rules=rules,
+                dry_run=dry_run,
+                executor=executor,
+                read_dsn=read_dsn,
+            )
+
+        if plan.mode == "full" and (report := in_shards(plan)) is not None:
+            return report
+        try:
+            with run.phase("read"):
+                inputs = read_inputs(
                     db,
-                    run,
-                    plan,
-                    sharding,
                     as_of=as_of,
                     lookback=lookback,
                     rules=rules,
-                    dry_run=dry_run,
-                    executor=executor,
-                    read_dsn=read_dsn,
+                    users=users,
+                    plan=plan,
+                    memory_limit=memory_limit,
                 )
+        except _ReadInShards as too_big:
+            # As many candidates as a full run's users, near enough: a full run in shards is the
+            # same answer (incremental == full) within the memory limit.
+            plan = Plan("full", too_big.reason)
+            report = in_shards(plan)
+            if report is not None:
                 return report
-        with run.phase("read"):
-            inputs = read_inputs(
-                db, as_of=as_of, lookback=lookback, rules=rules, users=users, plan=plan
-            )
+            with run.phase("read"):
+                inputs = read_inputs(db, as_of=as_of, lookback=lookback, rules=rules, plan=plan)
         if not dry_run and plan.mode != "users":
             run.requests_upto = inputs.requests_upto  # failed with the run if it fails
         with run.phase("compute"):

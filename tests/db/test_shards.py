@@ -25,7 +25,7 @@ from derive.io.connect import connect
 from derive.jobs import derivation
 from derive.jobs.derivation import plan_shards, verify_derivation
 from derive.transforms.shard import shard_bounds
-from tests.db.helpers import AS_OF, insert_events, run
+from tests.db.helpers import AS_OF, engaged_user, event, insert_events, run
 from tests.db.test_incremental import (
     ADVANCES,
     KINDS,
@@ -242,3 +242,43 @@ def test_the_shard_count_follows_the_window_estimate(
     assert large.count == 1
     assert forced.count == 3
     assert capped.count == math.ceil(capped.estimated_rows / 500) >= 4
+
+
+def test_an_incremental_run_whose_candidates_exceed_the_memory_limit_runs_full_in_shards(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    """Candidates are read in one piece; when their windows would not fit --memory-limit the
+    run is a full run in shards instead (the same answer), never one read past the limit."""
+    # Arrange: 40 users with a base run, then every one of them active again, twice.
+    users = range(1, 41)
+    insert_events(pg, [row for n in users for row in engaged_user(n)])
+    run(dsn)
+    tick1, tick2 = AS_OF + timedelta(minutes=15), AS_OF + timedelta(minutes=30)
+    for when in (tick1, tick2):
+        insert_events(
+            pg,
+            [
+                event(n, "content_share", "advocacy", ago=timedelta(minutes=5), as_of=when)
+                for n in users
+            ],
+        )
+    pg.execute("ANALYZE audience_events")
+    pg.execute("ANALYZE audience_state")
+    # 40 users x 5-6 rows at 700 bytes x 2.5: ~0.4 MiB; one user's window ~4 KiB.
+    small, ample = 100 * 1024, 1 << 30
+
+    # Act
+    roomy = run(dsn, as_of=tick1, memory_limit=ample)
+    tight = run(dsn, as_of=tick2, memory_limit=small)
+    with connect(dsn) as db:
+        verified = verify_derivation(db, lookback=LOOKBACK, rules=load_rules(), as_of=tick2)
+
+    # Assert
+    assert (roomy.mode, roomy.counts["candidates"]["total"]) == ("incremental", 40)
+    assert tight.mode == "full"
+    assert tight.full_reason is not None
+    assert tight.full_reason.startswith("40 candidates: their windows (~")
+    assert "exceed the memory limit (0.1 MiB), read in shards" in tight.full_reason
+    assert tight.counts["shards"]["shards"] > 1
+    assert tight.counts["users_evaluated"] == 40
+    assert verified.equal
