@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -81,6 +82,31 @@ def available() -> list[Migration]:
             version, _, rest = entry.name.partition("_")
             out.append(Migration(version, rest.removesuffix(".sql"), entry.read_text()))
     return out
+
+
+_CREATE_INDEX = re.compile(
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(\w+)\s+ON\b"
+    r"|DROP\s+INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+EXISTS\s+)?(\w+)",
+    re.IGNORECASE,
+)
+
+
+def migration_indexes() -> dict[str, str]:
+    """index name -> the migration file that creates it, for every index the migrations leave.
+
+    Read from the packaged SQL in order (an index a later migration drops is not expected);
+    comments are skipped.
+    """
+    indexes: dict[str, str] = {}
+    for migration in available():
+        text = re.sub(r"--[^\n]*", "", migration.sql)
+        for match in _CREATE_INDEX.finditer(text):
+            created, dropped = match.group(1), match.group(2)
+            if created:
+                indexes[created.lower()] = f"{migration.version}_{migration.name}.sql"
+            else:
+                indexes.pop(dropped.lower(), None)
+    return indexes
 
 
 def applied(db: Db) -> dict[str, str]:
@@ -253,6 +279,7 @@ def check(db: Db) -> list[Check]:
                     )
                 )
     results.extend(_function_checks(db))
+    results.extend(_index_checks(db))
     policies = {
         str(t)
         for (t,) in db.fetch_all(
@@ -288,6 +315,41 @@ def check(db: Db) -> list[Check]:
     results.extend(_bypassrls_checks(db, present, guarded=guarded))
     results.extend(_default_privilege_checks(db))
     db.rollback()
+    return results
+
+
+def _index_checks(db: Db) -> list[Check]:
+    """Every index the migrations create exists and is valid (the reads' plans depend on them).
+
+    A ``CREATE INDEX CONCURRENTLY`` that failed leaves an invalid index that no query uses; an
+    index dropped after its migration ran is not brought back by ``derive db migrate``.
+    """
+    found = {
+        str(name): bool(valid)
+        for name, valid in db.fetch_all(
+            "SELECT c.relname, i.indisvalid AND i.indisready FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relnamespace = current_schema()::regnamespace"
+        )
+    }
+    results = []
+    for name, migration in sorted(migration_indexes().items()):
+        valid = found.get(name)
+        results.append(
+            Check(
+                f"index {name}",
+                valid is True,
+                ""
+                if valid
+                else (
+                    f"missing: create it as derive/io/migrations/{migration} does"
+                    " (`derive db migrate` does not run an applied migration again)"
+                    if valid is None
+                    else f"invalid (a failed CREATE INDEX CONCURRENTLY?): drop it and create it"
+                    f" again as derive/io/migrations/{migration} does"
+                ),
+            )
+        )
     return results
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from derive.io.connect import connect
-from derive.io.migrate import available, check, migrate
+from derive.io.migrate import available, check, migrate, migration_indexes
 
 
 def schema_snapshot(dsn: str) -> list[tuple[object, ...]]:
@@ -58,3 +58,37 @@ def test_check_fails_on_an_empty_database(empty_dsn: str) -> None:
         failed = [c.name for c in check(db) if not c.ok]
     assert "migration 0001_core" in failed
     assert "table audience_state exists" in failed
+
+
+def test_check_expects_every_index_the_migrations_leave() -> None:
+    indexes = migration_indexes()
+
+    assert indexes["audience_events_user_window_idx"] == "0052_user_window_index.sql"
+    assert "audience_events_ingest_xid_idx" in indexes
+    assert "idx_aggregates_stale" not in indexes  # created by 0002, dropped by 0012
+
+
+def test_check_fails_on_a_dropped_or_invalid_index_naming_the_migration(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    # Arrange: the covering window index dropped, the watermark's index left invalid (what a
+    # failed CREATE INDEX CONCURRENTLY leaves).
+    pg.execute("DROP INDEX audience_events_user_window_idx")
+    pg.execute(
+        "UPDATE pg_index SET indisvalid = false"
+        " WHERE indexrelid = 'audience_events_ingest_xid_idx'::regclass"
+    )
+
+    # Act
+    with connect(dsn) as db:
+        failed = {c.name: c.detail for c in check(db) if not c.ok}
+
+    # Assert
+    assert set(failed) == {
+        "index audience_events_user_window_idx",
+        "index audience_events_ingest_xid_idx",
+    }
+    assert failed["index audience_events_user_window_idx"].startswith(
+        "missing: create it as derive/io/migrations/0052_user_window_index.sql does"
+    )
+    assert failed["index audience_events_ingest_xid_idx"].startswith("invalid")
