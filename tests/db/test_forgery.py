@@ -174,9 +174,12 @@ def test_client_roles_cannot_call_the_run_functions(
 def test_every_derive_function_pins_its_search_path_with_pg_temp_last(
     pg: psycopg.Connection,
 ) -> None:
+    # Every function of the schema derive migrates (seed 001's entry points are named like the
+    # seed, not derive_*), extensions' own functions aside.
     rows = pg.execute(
         "SELECT p.proname, coalesce(array_to_string(p.proconfig, ';'), '') FROM pg_proc p"
-        " WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'derive%%'"
+        " WHERE p.pronamespace = current_schema()::regnamespace AND NOT EXISTS"
+        " (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"
     ).fetchall()
 
     unpinned = [
@@ -184,7 +187,7 @@ def test_every_derive_function_pins_its_search_path_with_pg_temp_last(
         for name, config in rows
         if not (config.startswith("search_path=pg_catalog, ") and config.endswith(", pg_temp"))
     ]
-    assert rows
+    assert "run_audience_derivation_batch" in {name for name, _ in rows}
     assert unpinned == []
 
 

@@ -25,6 +25,7 @@ from derive.config import load_rules
 from derive.io.connect import connect
 from derive.jobs import derivation
 from derive.jobs.derivation import verify_derivation
+from tests.cli import derive
 from tests.db.helpers import AS_OF, engaged_user, event, insert_events, run, states, uid
 
 DAY = timedelta(days=1)
@@ -563,6 +564,41 @@ def test_verify_finds_a_silent_superuser_edit(dsn: str, pg: psycopg.Connection) 
         (str(uid(2)), "score or last event type differs"),
     ]
     assert json.dumps(dirty.differences.to_dicts(), default=str)
+
+
+def test_verify_on_the_command_line_exits_1_with_the_first_20_differences_and_json_has_all(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    # Arrange: 25 users; 22 of them silently edited after a clean run.
+    insert_events(pg, [row for n in range(1, 26) for row in engaged_user(n)])
+    run(dsn)
+    clean = derive("run", "--verify", "--dsn", dsn)
+    pg.execute("ALTER TABLE audience_state DISABLE TRIGGER USER")
+    pg.execute(
+        "UPDATE audience_state SET engagement_score = engagement_score + 1 WHERE user_id = ANY(%s)",
+        ([uid(n) for n in range(1, 23)],),
+    )
+    pg.execute("ALTER TABLE audience_state ENABLE TRIGGER USER")
+
+    # Act
+    dirty = derive("run", "--verify", "--dsn", dsn)
+    dirty_json = derive("run", "--verify", "--json", "--dsn", dsn)
+
+    # Assert
+    assert clean.returncode == 0, clean.stderr
+    assert "25 users, stored states equal a full run" in clean.stdout
+    assert dirty.returncode == 1, dirty.stderr
+    assert "22 of 25 users differ from a full run (first 20; --json lists all)" in dirty.stdout
+    shown = {u for n in range(1, 26) if (u := str(uid(n))) in dirty.stdout}
+    assert len(shown) == 20
+    assert shown <= {str(uid(n)) for n in range(1, 23)}
+    assert dirty_json.returncode == 1, dirty_json.stderr
+    report = json.loads(dirty_json.stdout)
+    assert report["equal"] is False
+    assert report["users_compared"] == 25
+    assert sorted(d["user_id"] for d in report["differences"]) == sorted(
+        str(uid(n)) for n in range(1, 23)
+    )
 
 
 @pytest.mark.parametrize("split_from", [1, 2, 10**6], ids=["split-always", "split-2", "one-read"])

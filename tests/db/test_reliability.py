@@ -234,3 +234,36 @@ def test_sigkill_during_an_incremental_write_leaves_before_and_the_next_run_conv
     assert report.mode == "incremental"
     modes = pg.execute("SELECT status, mode FROM derivation_runs ORDER BY started_at").fetchall()
     assert modes == [("succeeded", "full"), ("failed", None), ("succeeded", "incremental")]
+
+
+def test_the_run_row_is_finished_inside_the_write_transaction(
+    dsn: str, pg: psycopg.Connection
+) -> None:
+    """What the commit makes visible holds the run's final row: a kill -9 right after the commit
+    cannot leave the data written and the run row ``running`` (or ``failed`` with no counts).
+
+    A deferred constraint trigger runs at commit time inside the write transaction and records
+    the run row as that transaction sees it then.
+    """
+    # Arrange
+    pg.execute("CREATE TABLE seen_at_commit (status text, users_changed text)")
+    pg.execute(
+        "CREATE FUNCTION record_run_at_commit() RETURNS trigger LANGUAGE plpgsql"
+        " SECURITY DEFINER SET search_path = public AS $$ BEGIN"
+        " INSERT INTO seen_at_commit SELECT status, counts->>'users_changed' FROM derivation_runs"
+        "  WHERE run_id = current_setting('derive.run_id')::uuid;"
+        " RETURN NULL; END $$"
+    )
+    pg.execute(
+        "CREATE CONSTRAINT TRIGGER record_run AFTER INSERT OR UPDATE ON audience_state"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION record_run_at_commit()"
+    )
+    insert_events(pg, [*engaged_user(1), *engaged_user(2)])
+
+    # Act
+    report = run(dsn)
+
+    # Assert: both rows' checks saw the run already succeeded, with its counts.
+    seen = pg.execute("SELECT status, users_changed FROM seen_at_commit").fetchall()
+    assert report.counts["users_changed"] == 2
+    assert seen == [("succeeded", "2"), ("succeeded", "2")]
