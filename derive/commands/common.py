@@ -357,10 +357,16 @@ MetricsRulesOpt = Annotated[
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    """A compact rich table."""
+    """A compact rich table; its first column (the key: a user id, a name) is never cut short."""
     t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    key_width = max(
+        [len(col) for col in columns[:1]] + [len(str(row[0])) for row in rows if row], default=0
+    )
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        if i == 0:
+            t.add_column(col, justify="left", no_wrap=True, min_width=key_width)
+        else:
+            t.add_column(col, justify="right")
     for row in rows:
         t.add_row(*[str(v) for v in row])
     return t
