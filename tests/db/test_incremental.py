@@ -294,6 +294,8 @@ def test_a_transaction_committing_during_the_read_is_found_by_the_next_run(
     [
         (LOOKBACK, 14),  # exactly at t1 - lookback: still in the window
         (LOOKBACK + timedelta(microseconds=1), 10),  # just before it: has left
+        # exactly at t0 - lookback: in the base's window, gone by t1 (the first row to leave)
+        (LOOKBACK + timedelta(minutes=15), 10),
     ],
 )
 def test_an_event_leaving_the_window_at_its_edge(
@@ -365,6 +367,13 @@ def test_a_rejected_user_is_accepted_once_the_spike_leaves_the_window(
     step(pair, AS_OF + timedelta(minutes=15))
 
     assert states(pair[2])[uid(1)] == "S2"
+    # Found as rejected (reason 5), not only because its spike left the window (reason 3).
+    (candidates,) = pair[2].execute(
+        "SELECT counts -> 'candidates' FROM derivation_runs WHERE mode = 'incremental'"
+        " ORDER BY started_at DESC LIMIT 1"
+    ).fetchone() or (None,)
+    assert candidates["rejected"] == 1
+    assert candidates["left"] == 1
 
 
 def test_a_rejection_is_logged_again_after_24_hours_without_new_events(
