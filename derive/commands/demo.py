@@ -144,6 +144,7 @@ def print_next_steps(dsn: str, *, embedded: bool) -> None:
     from derive.io.embedded import PASSWORD_FILE
 
     shown = shlex.quote(redact(dsn))
+    bare = without_password(dsn)
     if embedded:
         parts = urlsplit(dsn)
         secret = (
@@ -161,15 +162,14 @@ def print_next_steps(dsn: str, *, embedded: bool) -> None:
     elif os.environ.get("DERIVE_DSN") == dsn:
         out.print("\nDERIVE_DSN names the demo's database; next, run", markup=False)
         lines = list(NEXT_COMMANDS)
-    elif without_password(dsn) != dsn:
+    elif bare != dsn:
         # Runnable as printed without echoing the password: libpq reads it from the environment.
         out.print(
             "\nNext, on the demo's database (its password is not shown: set PGPASSWORD, or put it"
             " in ~/.pgpass, for these commands):",
             markup=False,
         )
-        bare = shlex.quote(without_password(dsn))
-        lines = [f"{command} --dsn {bare}" for command in NEXT_COMMANDS]
+        lines = [f"{command} --dsn {shlex.quote(bare)}" for command in NEXT_COMMANDS]
     else:
         out.print("\nNext, on the demo's database:", markup=False)
         lines = [f"{command} --dsn {shown}" for command in NEXT_COMMANDS]

@@ -335,21 +335,20 @@ def _index_checks(db: Db) -> list[Check]:
     results = []
     for name, migration in sorted(migration_indexes().items()):
         valid = found.get(name)
-        results.append(
-            Check(
-                f"index {name}",
-                valid is True,
-                ""
-                if valid
-                else (
-                    f"missing: create it as derive/io/migrations/{migration} does"
-                    " (`derive db migrate` does not run an applied migration again)"
-                    if valid is None
-                    else f"invalid (a failed CREATE INDEX CONCURRENTLY?): drop it and create it"
-                    f" again as derive/io/migrations/{migration} does"
-                ),
+        source = f"derive/io/migrations/{migration}"
+        if valid is None:
+            detail = (
+                f"missing: create it as {source} does"
+                " (`derive db migrate` does not run an applied migration again)"
             )
-        )
+        elif not valid:
+            detail = (
+                "invalid (a failed CREATE INDEX CONCURRENTLY?): drop it and create it again"
+                f" as {source} does"
+            )
+        else:
+            detail = ""
+        results.append(Check(f"index {name}", valid is True, detail))
     return results
 
 

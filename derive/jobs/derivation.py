@@ -257,17 +257,13 @@ def _full_read(db: Db, *, as_of: datetime, lookback: timedelta, rules: Rules) ->
 
 
 class _ReadInShards(Exception):
-    """An incremental run's candidates need more memory than one read may take."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    """An incremental run's candidates need more memory than one read may take (why, as text)."""
 
 
-def _candidates_fit(
+def _candidates_too_big(
     db: Db, *, users: int, stored_users: int, window_start: datetime, as_of: datetime, limit: int
 ) -> str | None:
-    """``None`` when ``users`` candidates' windows fit one read under ``limit``, else why not.
+    """Why ``users`` candidates' windows do not fit one read under ``limit``; ``None`` if they do.
 
     Their rows are estimated as their share of the stored users times the planner's window
     estimate (planning only), at the bytes per row a full run's shard plan assumes.
@@ -327,7 +323,7 @@ def _users_read(
             found = incremental.read_candidates(db)
             ids = found.get_column("user_id").unique().sort()
             candidates = _count_reasons(found, total=ids.len())
-            too_big = _candidates_fit(
+            too_big = _candidates_too_big(
                 db,
                 users=ids.len(),
                 stored_users=stored_users,
@@ -873,7 +869,7 @@ def run_derivation(
         except _ReadInShards as too_big:
             # As many candidates as a full run's users, near enough: a full run in shards is the
             # same answer (incremental == full) within the memory limit.
-            plan = Plan("full", too_big.reason)
+            plan = Plan("full", str(too_big))
             report = in_shards(plan)
             if report is not None:
                 return report
