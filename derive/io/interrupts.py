@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 _lock = threading.Lock()
@@ -56,4 +57,16 @@ def install() -> None:
         from adbc_driver_manager import dbapi
 
         dbapi._blocking_call = _wrap(dbapi._blocking_call)  # type: ignore[attr-defined]
+        dbapi.Cursor.__del__ = _quiet_del(dbapi.Cursor.__del__)  # type: ignore[method-assign]
         _installed.append(True)
+
+
+def _quiet_del(finalize: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A cursor collected after Ctrl-C may still hold its cancelled statement: closing it then
+    fails, and Python would print that error's traceback under the job's one-line message."""
+
+    def __del__(self: Any) -> None:
+        with suppress(Exception):  # nothing to do for a cursor being collected
+            finalize(self)
+
+    return __del__
